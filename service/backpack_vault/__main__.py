@@ -1,0 +1,3 @@
+from backpack_vault.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""Key names, key material, stored records and the status lifecycle. Pure: no I/O.
+
+Lifecycle::
+
+    keys add ------> active --(REJECTED, confirmed)--> revoked
+    keys generate -> pending --(VALID)--> active
+                     active/pending --(operator)--> retired
+
+Revoked and retired keys are final: never handed out again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import nacl.exceptions
+import nacl.signing
+
+from backpack_vault.config import Secret
+from backpack_vault.errors import InvalidInput, KeyNotUsable
+
+__all__ = [
+    "KeyPair",
+    "KeyRecord",
+    "KeyRef",
+    "Origin",
+    "Status",
+    "generate_pair",
+    "parse_api_key",
+    "parse_key_pair",
+]
+
+_PART: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+KEY_BYTES: Final = 32
+B64_CHARS: Final = 44
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class KeyRef:
+    """A key's name: ``SUBACCOUNT/NAME``; ``main`` is the main account."""
+
+    subaccount: str
+    name: str
+
+    def __post_init__(self) -> None:
+        for what, part in (("sub-account", self.subaccount), ("key name", self.name)):
+            if not _PART.fullmatch(part):
+                raise InvalidInput(
+                    f"{what} {part!r} is not valid: use 1-63 characters of a-z, 0-9, '.', '_' "
+                    "or '-', starting with a letter or digit"
+                )
+
+    @classmethod
+    def parse(cls, text: str) -> KeyRef:
+        sub, sep, name = text.strip().partition("/")
+        if not sep or "/" in name:
+            raise InvalidInput(
+                f"key {text!r} is not of the form SUBACCOUNT/NAME (e.g. main/bot-a)"
+            )
+        return cls(sub, name)
+
+    def __str__(self) -> str:
+        return f"{self.subaccount}/{self.name}"
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    RETIRED = "retired"
+    # Not a lifecycle state: data without readable metadata (written by hand, or an
+    # intake whose rollback also failed). Never handed out; it can only be retired.
+    INCOMPLETE = "incomplete"
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.REVOKED, Status.RETIRED)
+
+
+_ALLOWED: Final[dict[Status, frozenset[Status]]] = {
+    Status.PENDING: frozenset({Status.ACTIVE, Status.RETIRED, Status.REVOKED}),
+    Status.ACTIVE: frozenset({Status.REVOKED, Status.RETIRED}),
+    Status.REVOKED: frozenset(),
+    Status.RETIRED: frozenset(),
+    Status.INCOMPLETE: frozenset({Status.RETIRED}),
+}
+
+
+def can_transition(old: Status, new: Status) -> bool:
+    return new in _ALLOWED[old]
+
+
+class Origin(enum.StrEnum):
+    BACKPACK_UI = "backpack-ui"
+    GENERATED = "generated"
+
+
+def _strict_b64(field_name: str, text: str, hint: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = None
+    if raw is None or base64.b64encode(raw).decode("ascii") != text:
+        raise InvalidInput(
+            f"{field_name} is not standard padded base64 ({len(text)} characters found); {hint}"
+        )
+    return raw
+
+
+_KEY_HINT: Final = "paste the 44-character API key shown in the Backpack web UI"
+_SECRET_HINT: Final = "paste the 44-character API secret shown when the key was created"
+
+
+def parse_api_key(text: str) -> str:
+    """Validate an API key (base64 of a 32-byte Ed25519 public key); return it stripped."""
+    text = text.strip()
+    raw = _strict_b64("API key", text, _KEY_HINT)
+    if len(raw) != KEY_BYTES:
+        raise InvalidInput(
+            f"API key decodes to {len(raw)} bytes; Backpack API keys are 32 bytes "
+            f"({B64_CHARS} base64 characters): {_KEY_HINT}"
+        )
+    try:
+        nacl.signing.VerifyKey(raw)
+    except (nacl.exceptions.CryptoError, ValueError) as exc:
+        raise InvalidInput("API key is not a valid Ed25519 public key") from exc
+    return text
+
+
+def _parse_seed(secret: Secret) -> bytes:
+    text = secret.reveal().strip()
+    raw = _strict_b64("API secret", text, _SECRET_HINT)
+    if len(raw) == 2 * KEY_BYTES:
+        raise InvalidInput(
+            "API secret is 64 bytes (seed + public key); Backpack secrets are the 32-byte "
+            f"seed: {_SECRET_HINT}"
+        )
+    if len(raw) != KEY_BYTES:
+        raise InvalidInput(
+            f"API secret decodes to {len(raw)} bytes; Backpack API secrets are 32 bytes "
+            f"({B64_CHARS} base64 characters): {_SECRET_HINT}"
+        )
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """A validated API key and its secret; ``secret`` derives ``api_key``."""
+
+    api_key: str
+    secret: Secret
+
+    @property
+    def seed(self) -> bytes:
+        return base64.b64decode(self.secret.reveal())
+
+
+def parse_key_pair(api_key: str, secret: Secret) -> KeyPair:
+    """Validate both halves strictly and check that the secret derives the key."""
+    api_key = parse_api_key(api_key)
+    seed = _parse_seed(secret)
+    derived = base64.b64encode(bytes(nacl.signing.SigningKey(seed).verify_key)).decode("ascii")
+    if derived != api_key:
+        raise InvalidInput(
+            "API secret does not belong to this API key: check that both were copied from the "
+            "same key in the Backpack web UI"
+        )
+    return KeyPair(api_key, Secret(base64.b64encode(seed).decode("ascii")))
+
+
+def generate_pair() -> KeyPair:
+    """Make a fresh Ed25519 pair locally (for the web UI's optional "Public Key" field)."""
+    signing_key = nacl.signing.SigningKey.generate()
+    api_key = base64.b64encode(bytes(signing_key.verify_key)).decode("ascii")
+    return KeyPair(api_key, Secret(base64.b64encode(bytes(signing_key)).decode("ascii")))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What Vault holds about a key besides its secret (the KV custom_metadata)."""
+
+    ref: KeyRef
+    api_key: str
+    read_only: bool
+    status: Status
+    origin: Origin
+    created_at: str
+    status_since: str
+    label: str = ""
+    last_verdict: str = ""
+    last_checked_at: str = ""
+    version: int = 0
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "api_key": self.api_key,
+            "subaccount": self.ref.subaccount,
+            "read_only": "true" if self.read_only else "false",
+            "origin": self.origin.value,
+            "created_at": self.created_at,
+            "status": self.status.value,
+            "status_since": self.status_since,
+            "label": self.label,
+            "last_verdict": self.last_verdict,
+            "last_checked_at": self.last_checked_at,
+        }
+        # Vault refuses empty custom_metadata values; absent means empty.
+        return {k: v for k, v in meta.items() if v}
+
+    @classmethod
+    def from_metadata(cls, ref: KeyRef, meta: dict[str, str], version: int) -> KeyRecord | None:
+        """Rebuild a record; ``None`` when the metadata is incomplete (interrupted intake)."""
+        try:
+            return cls(
+                ref=ref,
+                api_key=meta["api_key"],
+                read_only=meta.get("read_only", "false") == "true",
+                status=Status(meta["status"]),
+                origin=Origin(meta.get("origin", Origin.BACKPACK_UI.value)),
+                created_at=meta.get("created_at", ""),
+                status_since=meta.get("status_since", ""),
+                label=meta.get("label", ""),
+                last_verdict=meta.get("last_verdict", ""),
+                last_checked_at=meta.get("last_checked_at", ""),
+                version=version,
+            )
+        except (KeyError, ValueError):
+            return None
+
+    @classmethod
+    def incomplete(cls, ref: KeyRef, version: int) -> KeyRecord:
+        return cls(
+            ref=ref,
+            api_key="",
+            read_only=True,
+            status=Status.INCOMPLETE,
+            origin=Origin.BACKPACK_UI,
+            created_at="",
+            status_since="",
+            version=version,
+        )
+
+    def require_usable(self) -> None:
+        if self.status is not Status.ACTIVE:
+            raise KeyNotUsable(str(self.ref), self.status.value)
+
+    def as_public_dict(self) -> dict[str, object]:
+        """The stable ``--json`` / API shape: never the secret."""
+        return {
+            "key": str(self.ref),
+            "subaccount": self.ref.subaccount,
+            "name": self.ref.name,
+            "api_key": self.api_key,
+            "read_only": self.read_only,
+            "status": self.status.value,
+            "status_since": self.status_since,
+            "origin": self.origin.value,
+            "label": self.label,
+            "created_at": self.created_at,
+            "last_verdict": self.last_verdict,
+            "last_checked_at": self.last_checked_at,
+            "version": self.version,
+        }

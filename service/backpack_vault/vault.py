@@ -1,0 +1,479 @@
+"""The one module that talks to Vault (and the only ``import hvac``).
+
+It returns frozen records and raises only backpack-vault errors: hvac and
+requests exceptions are mapped to the most specific match and raised ``from
+None`` so that no response body (which may echo request data) rides along.
+Every call passes an explicit token: hvac would otherwise fall back to
+``VAULT_TOKEN`` and ``~/.vault-token``.
+
+Layout: the secret of key ``SUB/NAME`` is KV v2 data at
+``<kv_mount>/<kv_prefix>/SUB/NAME`` holding exactly ``api_key`` and
+``api_secret``; everything else is custom_metadata (see ``keys.KeyRecord``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+import hvac
+import hvac.exceptions
+import requests
+
+from backpack_vault.config import Secret, VaultSettings
+from backpack_vault.errors import (
+    ConfigError,
+    NotAuthenticated,
+    ServiceError,
+    UnknownKey,
+    UpstreamError,
+    VaultDenied,
+    VaultUnavailable,
+    WriteConflict,
+)
+from backpack_vault.keys import KeyRecord, KeyRef, Status, can_transition
+
+__all__ = ["Capabilities", "TokenInfo", "Vault", "WrapInfo"]
+
+Capabilities = Mapping[str, frozenset[str]]
+
+_TRANSIENT: Final = (
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
+    hvac.exceptions.RateLimitExceeded,
+    hvac.exceptions.VaultNotInitialized,
+    hvac.exceptions.UnexpectedError,
+    requests.ConnectionError,
+    requests.Timeout,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What Vault says about a token; never the token itself."""
+
+    accessor: str
+    display_name: str
+    entity_id: str
+    policies: tuple[str, ...]
+    ttl: int
+    renewable: bool
+    expires_at: float | None  # epoch seconds; None for a token that never expires
+
+    @property
+    def identity(self) -> str:
+        """A name fit for logs: the entity id when there is one, else the display name."""
+        return self.entity_id or self.display_name or self.accessor[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class WrapInfo:
+    token: Secret
+    accessor: str
+    ttl: int
+    created_at: float
+
+
+def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False) -> NoReturn:
+    """Raise our error for a Vault failure, without its body. ``where`` is a path, not data."""
+    if isinstance(exc, hvac.exceptions.VaultDown):
+        raise VaultUnavailable(f"Vault is sealed or down ({op} {where})") from None
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        raise VaultUnavailable(f"Vault is unreachable ({op} {where}): {type(exc).__name__}") from None
+    if isinstance(exc, _TRANSIENT):
+        raise VaultUnavailable(f"Vault failed ({op} {where}): {type(exc).__name__}") from None
+    if isinstance(exc, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
+        if caller_token:
+            raise NotAuthenticated(
+                "Vault does not accept your token (expired, revoked or unknown)"
+            ) from None
+        raise VaultDenied(
+            f"Vault denied {op} on {where}: check the token's policy (or log in again)"
+        ) from None
+    if isinstance(exc, hvac.exceptions.VaultError):
+        raise UpstreamError(f"Vault refused {op} on {where}: {type(exc).__name__}") from None
+    raise exc
+
+
+class _Missing(Exception):  # noqa: N818 - internal signal, never escapes this module
+    pass
+
+
+@contextlib.contextmanager
+def _calling(
+    op: str,
+    where: str,
+    *,
+    caller_token: bool = False,
+    missing: Callable[[], Exception] | None = None,
+    refused: Callable[[], Exception] | None = None,
+) -> Iterator[None]:
+    """Translate hvac/requests failures; ``missing`` maps 404, ``refused`` maps 400."""
+    try:
+        yield
+    except ServiceError:
+        raise
+    except hvac.exceptions.InvalidPath as exc:
+        if missing is None:
+            _fail(exc, op, where, caller_token=caller_token)
+        raise missing() from None
+    except hvac.exceptions.InvalidRequest as exc:
+        if refused is None:
+            _fail(exc, op, where, caller_token=caller_token)
+        raise refused() from None
+    except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+        _fail(exc, op, where, caller_token=caller_token)
+
+
+class Vault:
+    """A Vault client for one daemon or CLI identity, plus calls made with a worker's token."""
+
+    def __init__(
+        self,
+        settings: VaultSettings,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._session = session or requests.Session()
+        self._verify: bool | str = settings.cacert or True
+        self._client = self._new_client(Secret(""))
+        self._token_info: TokenInfo | None = None
+        self._mount = settings.kv_mount.strip("/")
+        self._prefix = settings.kv_prefix.strip("/")
+
+    def _new_client(self, token: Secret) -> Any:
+        return hvac.Client(
+            url=self.settings.addr,
+            token=token.reveal(),
+            verify=self._verify,
+            timeout=self.settings.timeout,
+            namespace=self.settings.namespace,
+            session=self._session,
+        )
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- authentication ---------------------------------------------------------------
+
+    @property
+    def token_info(self) -> TokenInfo | None:
+        return self._token_info
+
+    def login(self) -> TokenInfo:
+        """Authenticate with the configured method; return what Vault says of the token."""
+        s = self.settings
+        with _calling("login", s.auth):
+            if s.auth == "token":
+                if not s.token:
+                    raise ConfigError("no Vault token: set VAULT_TOKEN (or choose BACKPACK_VAULT_AUTH)")
+                self._client.token = s.token.reveal()
+            elif s.auth == "token-file":
+                self._client.token = _read_secret_file(s.token_file, "BACKPACK_VAULT_TOKEN_FILE")
+            elif s.auth == "approle":
+                if not s.approle_role_id:
+                    raise ConfigError("AppRole login needs BACKPACK_VAULT_APPROLE_ROLE_ID")
+                secret_id = (
+                    s.approle_secret_id.reveal()
+                    if s.approle_secret_id
+                    else _read_secret_file(
+                        s.approle_secret_id_file, "BACKPACK_VAULT_APPROLE_SECRET_ID(_FILE)"
+                    )
+                )
+                self._client.auth.approle.login(
+                    role_id=s.approle_role_id,
+                    secret_id=secret_id,
+                    mount_point=s.auth_mount or "approle",
+                )
+            elif s.auth == "kubernetes":
+                if not s.kubernetes_role:
+                    raise ConfigError("Kubernetes login needs BACKPACK_VAULT_KUBERNETES_ROLE")
+                jwt = _read_secret_file(s.kubernetes_jwt_file, "BACKPACK_VAULT_KUBERNETES_JWT_FILE")
+                self._client.auth.kubernetes.login(
+                    role=s.kubernetes_role, jwt=jwt, mount_point=s.auth_mount or "kubernetes"
+                )
+            else:  # pragma: no cover - config validates the choice
+                raise ConfigError(f"unknown auth method {s.auth}")
+        return self.lookup_self()
+
+    def lookup_self(self) -> TokenInfo:
+        with _calling("lookup-self", "auth/token/lookup-self"):
+            data = self._client.auth.token.lookup_self()["data"]
+        self._token_info = self._token_from(data)
+        return self._token_info
+
+    def renew(self, increment: int | None = None) -> TokenInfo:
+        """Renew our token; a token that cannot be renewed is logged in again."""
+        info = self._token_info
+        if info is not None and info.renewable:
+            try:
+                with _calling("renew-self", "auth/token/renew-self"):
+                    self._client.auth.token.renew_self(increment=increment)
+                return self.lookup_self()
+            except (VaultDenied, UpstreamError) as exc:
+                if isinstance(exc, VaultUnavailable):
+                    raise
+        return self.login()
+
+    def needs_renewal(self, fraction: float = 1 / 3) -> bool:
+        """True when less than ``fraction`` of the token's last known TTL remains."""
+        info = self._token_info
+        if info is None:
+            return True
+        if info.expires_at is None:
+            return False
+        return info.expires_at - self._clock() < info.ttl * fraction
+
+    def _token_from(self, data: Mapping[str, Any]) -> TokenInfo:
+        ttl = int(data.get("ttl") or 0)
+        return TokenInfo(
+            accessor=str(data.get("accessor") or ""),
+            display_name=str(data.get("display_name") or ""),
+            entity_id=str(data.get("entity_id") or ""),
+            policies=tuple(data.get("policies") or ()),
+            ttl=ttl,
+            renewable=bool(data.get("renewable")),
+            expires_at=self._clock() + ttl if ttl else None,
+        )
+
+    def health(self) -> None:
+        """Raise VaultUnavailable unless Vault answers, is unsealed and accepts our token."""
+        with _calling("health", "sys/health"):
+            response = self._session.get(
+                f"{self.settings.addr}/v1/sys/health",
+                params={"standbyok": "true", "perfstandbyok": "true"},
+                timeout=self.settings.timeout,
+                verify=self._verify,
+            )
+        if response.status_code == 503:  # noqa: PLR2004
+            raise VaultUnavailable("Vault is sealed")
+        if response.status_code != 200:  # noqa: PLR2004
+            raise VaultUnavailable(f"Vault is not ready (sys/health answered {response.status_code})")
+
+    # -- keys in KV v2 ------------------------------------------------------------------
+
+    def _path(self, ref: KeyRef) -> str:
+        return f"{self._prefix}/{ref.subaccount}/{ref.name}"
+
+    def create_key(self, record: KeyRecord, secret: Secret) -> KeyRecord:
+        """Store a new key: data with cas=0 (create only), then its metadata.
+
+        If the metadata cannot be written the new key is deleted again, so an
+        intake either stores a whole key or nothing.
+        """
+        path = self._path(record.ref)
+        kv = self._client.secrets.kv.v2
+        exists = WriteConflict(str(record.ref), "a key with this name is already stored")
+        with _calling("write", f"{self._mount}/data/{path}", refused=lambda: exists):
+            written = kv.create_or_update_secret(
+                path=path,
+                secret={"api_key": record.api_key, "api_secret": secret.reveal()},
+                cas=0,
+                mount_point=self._mount,
+            )
+        version = int(written["data"]["version"])
+        try:
+            with _calling("write metadata", f"{self._mount}/metadata/{path}"):
+                kv.update_metadata(
+                    path=path,
+                    cas_required=True,
+                    custom_metadata=record.to_metadata(),
+                    mount_point=self._mount,
+                )
+        except ServiceError:
+            with contextlib.suppress(ServiceError), _calling("delete", path):
+                kv.delete_metadata_and_all_versions(path=path, mount_point=self._mount)
+            raise
+        return _replace_version(record, version)
+
+    def read_record(self, ref: KeyRef) -> KeyRecord:
+        """The key's metadata (needs only ``read`` on the metadata path)."""
+        path = self._path(ref)
+        unknown = lambda: UnknownKey(str(ref))  # noqa: E731
+        with _calling("read metadata", f"{self._mount}/metadata/{path}", missing=unknown):
+            meta = self._client.secrets.kv.v2.read_secret_metadata(
+                path=path, mount_point=self._mount
+            )["data"]
+        return _record(ref, meta.get("custom_metadata") or {}, int(meta.get("current_version") or 0))
+
+    def read_key(self, ref: KeyRef) -> tuple[KeyRecord, Secret]:
+        """The key's record and its secret, in one read."""
+        path = self._path(ref)
+        unknown = lambda: UnknownKey(str(ref))  # noqa: E731
+        with _calling("read", f"{self._mount}/data/{path}", missing=unknown):
+            body = self._client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=self._mount, raise_on_deleted_version=True
+            )["data"]
+        meta = body.get("metadata") or {}
+        record = _record(ref, meta.get("custom_metadata") or {}, int(meta.get("version") or 0))
+        return record, Secret(str(body["data"]["api_secret"]))
+
+    def list_refs(self) -> list[KeyRef]:
+        """Every stored key's name (needs only ``list`` on the metadata paths)."""
+        refs: list[KeyRef] = []
+        for sub in self._list(self._prefix):
+            if not sub.endswith("/"):
+                continue
+            refs.extend(
+                KeyRef(sub.rstrip("/"), name)
+                for name in self._list(f"{self._prefix}/{sub}")
+                if not name.endswith("/")
+            )
+        return sorted(refs)
+
+    def list_records(self) -> list[KeyRecord]:
+        records = []
+        for ref in self.list_refs():
+            with contextlib.suppress(UnknownKey):  # deleted between list and read
+                records.append(self.read_record(ref))
+        return records
+
+    def _list(self, path: str) -> list[str]:
+        try:
+            with _calling("list", f"{self._mount}/metadata/{path}", missing=_Missing):
+                keys = self._client.secrets.kv.v2.list_secrets(path=path, mount_point=self._mount)
+        except _Missing:
+            return []
+        return [str(k) for k in keys["data"]["keys"]]
+
+    def set_status(
+        self,
+        ref: KeyRef,
+        new: Status,
+        *,
+        now: str,
+        verdict: str = "",
+        expect: Status | None = None,
+    ) -> KeyRecord:
+        """Move a key along its lifecycle, merging into custom_metadata.
+
+        Vault has no check-and-set on metadata, so the current status is read
+        and the transition validated first; only the status fields are patched.
+        """
+        current = self.read_record(ref)
+        if expect is not None and current.status is not expect:
+            raise WriteConflict(str(ref), f"its status is {current.status}, not {expect}")
+        if current.status is new:
+            return current
+        if not can_transition(current.status, new):
+            raise WriteConflict(str(ref), f"a {current.status} key cannot become {new}")
+        patch = {"status": new.value, "status_since": now}
+        if verdict:
+            patch |= {"last_verdict": verdict, "last_checked_at": now}
+        path = self._path(ref)
+        with _calling("patch metadata", f"{self._mount}/metadata/{path}"):
+            self._client.adapter.request(
+                "PATCH",
+                f"/v1/{self._mount}/metadata/{path}",
+                json={"custom_metadata": patch},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+        return self.read_record(ref)
+
+    def delete_key(self, ref: KeyRef) -> None:
+        """Delete every version and the metadata of a key."""
+        self.read_record(ref)  # UnknownKey rather than a silent no-op
+        path = self._path(ref)
+        with _calling("delete", f"{self._mount}/metadata/{path}"):
+            self._client.secrets.kv.v2.delete_metadata_and_all_versions(
+                path=path, mount_point=self._mount
+            )
+
+    # -- small CAS documents (leader lease) ---------------------------------------------
+
+    def read_document(self, path: str) -> tuple[dict[str, Any], int] | None:
+        """A KV v2 document under our prefix and its version, or None when absent."""
+        full = f"{self._prefix}-{path}"
+        try:
+            with _calling("read", f"{self._mount}/data/{full}", missing=_Missing):
+                body = self._client.secrets.kv.v2.read_secret_version(
+                    path=full, mount_point=self._mount, raise_on_deleted_version=False
+                )["data"]
+        except _Missing:
+            return None
+        if body.get("data") is None:
+            return None
+        return dict(body["data"]), int(body["metadata"]["version"])
+
+    def write_document(self, path: str, data: Mapping[str, Any], cas: int) -> int:
+        """Write with check-and-set; WriteConflict when ``cas`` is not the current version."""
+        full = f"{self._prefix}-{path}"
+        conflict = lambda: WriteConflict(path)  # noqa: E731
+        with _calling("write", f"{self._mount}/data/{full}", refused=conflict):
+            written = self._client.secrets.kv.v2.create_or_update_secret(
+                path=full, secret=dict(data), cas=cas, mount_point=self._mount
+            )
+        return int(written["data"]["version"])
+
+    # -- response wrapping --------------------------------------------------------------
+
+    def wrap(self, payload: Mapping[str, Any], ttl: int) -> WrapInfo:
+        with _calling("wrap", "sys/wrapping/wrap"):
+            info = self._client.sys.wrap(payload=dict(payload), ttl=f"{ttl}s")["wrap_info"]
+        return WrapInfo(
+            token=Secret(info["token"]),
+            accessor=str(info["accessor"]),
+            ttl=int(info["ttl"]),
+            created_at=self._clock(),
+        )
+
+    def unwrap(self, token: Secret) -> dict[str, Any]:
+        """Unwrap with the wrapping token itself (as a worker does)."""
+        client = self._new_client(token)
+        with _calling("unwrap", "sys/wrapping/unwrap", caller_token=True):
+            return dict(client.sys.unwrap()["data"])
+
+    def revoke_accessor(self, accessor: str) -> None:
+        """Revoke a token by accessor; an unknown or used-up accessor is not an error."""
+        with _calling("revoke-accessor", "auth/token/revoke-accessor"):
+            self._client.auth.token.revoke_accessor(accessor)
+
+    # -- questions asked with a worker's own token ---------------------------------------
+
+    def capabilities(self, token: Secret, paths: Sequence[str]) -> dict[str, frozenset[str]]:
+        """What the caller's policies grant on each path (sys/capabilities-self)."""
+        if not token:
+            raise NotAuthenticated("no Vault token: send X-Vault-Token or Authorization: Bearer")
+        client = self._new_client(token)
+        with _calling("capabilities-self", "sys/capabilities-self", caller_token=True):
+            body = client.sys.get_capabilities(paths=list(paths))
+        data = body.get("data", body)
+        return {p: frozenset(data.get(p) or ()) for p in paths}
+
+    def lookup_caller(self, token: Secret) -> TokenInfo:
+        client = self._new_client(token)
+        with _calling("lookup-self", "auth/token/lookup-self", caller_token=True):
+            data = client.auth.token.lookup_self()["data"]
+        return self._token_from(data)
+
+
+def _read_secret_file(path: str | None, setting: str) -> str:
+    if not path:
+        raise ConfigError(f"{setting} is not set")
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{setting}: {path} is empty")
+    return value
+
+
+def _record(ref: KeyRef, meta: Mapping[str, str], version: int) -> KeyRecord:
+    record = KeyRecord.from_metadata(ref, dict(meta), version)
+    if record is None:
+        return KeyRecord.incomplete(ref, version)
+    return record
+
+
+def _replace_version(record: KeyRecord, version: int) -> KeyRecord:
+    return dataclasses.replace(record, version=version)
