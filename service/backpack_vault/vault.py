@@ -38,7 +38,7 @@ from backpack_vault.errors import (
 )
 from backpack_vault.keys import KeyRecord, KeyRef, Status, can_transition
 
-__all__ = ["Capabilities", "TokenInfo", "Vault", "WrapInfo"]
+__all__ = ["Capabilities", "Provisioner", "TokenInfo", "Vault", "WrapInfo"]
 
 Capabilities = Mapping[str, frozenset[str]]
 
@@ -454,6 +454,120 @@ class Vault:
         with _calling("lookup-self", "auth/token/lookup-self", caller_token=True):
             data = client.auth.token.lookup_self()["data"]
         return self._token_from(data)
+
+
+class Provisioner:
+    """Idempotent setup calls (``vault setup``): each returns True when it changed something."""
+
+    def __init__(self, vault: Vault) -> None:
+        self._client = vault._client  # noqa: SLF001 - same module, same identity
+
+    def ensure_kv_v2(self, mount: str) -> bool:
+        mount = mount.strip("/")
+        with _calling("read mounts", "sys/mounts"):
+            mounts = self._client.sys.list_mounted_secrets_engines()
+        existing = (mounts.get("data") or mounts).get(f"{mount}/")
+        if existing is not None:
+            version = str((existing.get("options") or {}).get("version", "1"))
+            if existing.get("type") != "kv" or version != "2":
+                raise ConfigError(
+                    f"{mount}/ is mounted but is not KV version 2: choose another "
+                    "BACKPACK_VAULT_KV_MOUNT or upgrade it with `vault kv enable-versioning`"
+                )
+            return False
+        with _calling("enable", f"sys/mounts/{mount}"):
+            self._client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
+        return True
+
+    def ensure_policy(self, name: str, hcl: str) -> bool:
+        with _calling("read policy", f"sys/policy/{name}", missing=_Missing):
+            try:
+                current = self._client.sys.read_policy(name=name)
+            except hvac.exceptions.InvalidPath:
+                current = None
+        body = current and ((current.get("data") or current).get("rules") or "")
+        if body and body.strip() == hcl.strip():
+            return False
+        with _calling("write policy", f"sys/policy/{name}"):
+            self._client.sys.create_or_update_policy(name=name, policy=hcl)
+        return True
+
+    def ensure_auth(self, method: str, mount: str | None = None) -> bool:
+        mount = (mount or method).strip("/")
+        with _calling("read auth", "sys/auth"):
+            methods = self._client.sys.list_auth_methods()
+        if f"{mount}/" in (methods.get("data") or methods):
+            return False
+        with _calling("enable auth", f"sys/auth/{mount}"):
+            self._client.sys.enable_auth_method(method_type=method, path=mount)
+        return True
+
+    def ensure_approle_role(
+        self, role: str, policies: Sequence[str], *, mount: str = "approle", token_ttl: str = "1h"
+    ) -> bool:
+        wanted = {"token_policies": sorted(policies), "token_ttl": token_ttl}
+        try:
+            with _calling("read role", f"auth/{mount}/role/{role}", missing=_Missing):
+                current = self._client.auth.approle.read_role(role_name=role, mount_point=mount)
+            data = current.get("data") or {}
+            if sorted(data.get("token_policies") or []) == wanted["token_policies"]:
+                return False
+        except _Missing:
+            pass
+        with _calling("write role", f"auth/{mount}/role/{role}"):
+            self._client.auth.approle.create_or_update_approle(
+                role_name=role,
+                token_policies=list(policies),
+                token_ttl=token_ttl,
+                token_max_ttl="24h",
+                mount_point=mount,
+            )
+        return True
+
+    def ensure_kubernetes_role(
+        self,
+        role: str,
+        policies: Sequence[str],
+        *,
+        service_accounts: Sequence[str],
+        namespaces: Sequence[str],
+        mount: str = "kubernetes",
+    ) -> bool:
+        try:
+            with _calling("read role", f"auth/{mount}/role/{role}", missing=_Missing):
+                current = self._client.auth.kubernetes.read_role(name=role, mount_point=mount)
+            if sorted(current.get("token_policies") or current.get("policies") or []) == sorted(
+                policies
+            ):
+                return False
+        except _Missing:
+            pass
+        with _calling("write role", f"auth/{mount}/role/{role}"):
+            self._client.auth.kubernetes.create_role(
+                name=role,
+                bound_service_account_names=list(service_accounts),
+                bound_service_account_namespaces=list(namespaces),
+                policies=list(policies),
+                mount_point=mount,
+            )
+        return True
+
+    def approle_credentials(self, role: str, *, mount: str = "approle") -> tuple[str, Secret]:
+        """A role id and a fresh secret id (for demos and tests)."""
+        with _calling("read role-id", f"auth/{mount}/role/{role}/role-id"):
+            role_id = self._client.auth.approle.read_role_id(role_name=role, mount_point=mount)
+            secret_id = self._client.auth.approle.generate_secret_id(
+                role_name=role, mount_point=mount
+            )
+        return str(role_id["data"]["role_id"]), Secret(str(secret_id["data"]["secret_id"]))
+
+    def create_token(self, policies: Sequence[str], *, ttl: str = "1h", meta: Mapping[str, str] | None = None) -> Secret:
+        """A child token with the given policies (for demos and tests)."""
+        with _calling("create token", "auth/token/create"):
+            body = self._client.auth.token.create(
+                policies=list(policies), ttl=ttl, meta=dict(meta or {})
+            )
+        return Secret(str(body["auth"]["client_token"]))
 
 
 def _read_secret_file(path: str | None, setting: str) -> str:

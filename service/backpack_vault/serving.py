@@ -1,0 +1,76 @@
+"""Run an ASGI app on uvicorn: blocking until told to stop, or in a background thread.
+
+The daemon, the sandbox exchange, ``backpack-vault dev`` and the tests all serve
+the same way, so SIGTERM handling and readiness waiting live here once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from backpack_vault.errors import ServiceError
+
+__all__ = ["ServerThread", "make_server"]
+
+
+def make_server(app: Any, host: str, port: int, *, graceful_s: float = 10.0) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_s,
+        ws="none",
+    )
+    return uvicorn.Server(config)
+
+
+class ServerThread:
+    """Serve ``app`` on ``host:port`` in a daemon thread; ``with ServerThread(app, port=p):``."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        if port == 0:
+            from backpack_vault.devvault import free_port  # noqa: PLC0415
+
+            port = free_port()
+        self.host = host
+        self.port = port
+        self.server = make_server(app, host, port, graceful_s=2.0)
+        # Signals belong to the main thread's owner, never to a background server.
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self.server.run, name=f"asgi:{port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServiceError(f"server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,69 @@
+"""Shared fixtures: one real OpenBao dev server per test session, fresh paths per test.
+
+Nothing here mocks Vault. HOME points at a temporary directory for the whole
+session and VAULT_*/BAO_* variables are removed, so no client can fall back to
+a developer's own token.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from backpack_vault.config import Secret, VaultSettings
+from backpack_vault.devvault import DevVault
+from backpack_vault.vault import Vault
+
+_SESSION_HOME = tempfile.mkdtemp(prefix="bv-test-home-")
+for _name in [n for n in os.environ if n.startswith(("VAULT_", "BAO_", "BACKPACK_VAULT_"))]:
+    del os.environ[_name]
+os.environ["HOME"] = _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def dev_vault() -> Iterator[DevVault]:
+    """A real OpenBao dev server on a random loopback port, stopped by PID at the end."""
+    with DevVault() as server:
+        yield server
+
+
+@pytest.fixture
+def kv_prefix() -> str:
+    """A KV prefix unique to one test, so tests never see each other's keys."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def vault_settings(dev_vault: DevVault, kv_prefix: str) -> VaultSettings:
+    return VaultSettings(
+        addr=dev_vault.addr,
+        token=dev_vault.root_token,
+        kv_prefix=kv_prefix,
+        grant_prefix=f"{kv_prefix}-broker",
+    )
+
+
+@pytest.fixture
+def vault(vault_settings: VaultSettings) -> Iterator[Vault]:
+    """A Vault client logged in with the dev server's root token."""
+    client = Vault(vault_settings)
+    client.login()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def root_token(dev_vault: DevVault) -> Secret:
+    return dev_vault.root_token
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
