@@ -2,7 +2,7 @@
 
 Data flow::
 
-    operator --CLI--> intake (validate the Ed25519 pair) --> Vault KV v2 (CAS write + custom_metadata)
+    operator --CLI--> intake (validate the Ed25519 pair) --> Vault KV v2 (CAS + custom_metadata)
 
     worker --HTTP + its own Vault token--> api --> broker
         broker --sys/capabilities-self (worker's token, grant path)--> allow / deny

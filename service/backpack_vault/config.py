@@ -171,8 +171,13 @@ class Field:
 FIELDS: Final[tuple[Field, ...]] = (
     Field("listen", "BACKPACK_VAULT_LISTEN", _listen, "", "listen"),
     Field("log_format", "BACKPACK_VAULT_LOG_FORMAT", _choice(*LOG_FORMATS), "", "log_format"),
-    Field("log_level", "BACKPACK_VAULT_LOG_LEVEL", _choice("debug", "info", "warning", "error"),
-          "", "log_level"),
+    Field(
+        "log_level",
+        "BACKPACK_VAULT_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "",
+        "log_level",
+    ),
     Field("vault_addr", "VAULT_ADDR", _url, "vault", "addr"),
     Field("vault_token", "VAULT_TOKEN", _text, "vault", "token", secret=True),
     Field("vault_cacert", "VAULT_CACERT", _text, "vault", "cacert"),
@@ -181,13 +186,29 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field("token_file", "BACKPACK_VAULT_TOKEN_FILE", _text, "vault", "token_file"),
     Field("auth_mount", "BACKPACK_VAULT_AUTH_MOUNT", _text, "vault", "auth_mount"),
     Field("approle_role_id", "BACKPACK_VAULT_APPROLE_ROLE_ID", _text, "vault", "approle_role_id"),
-    Field("approle_secret_id", "BACKPACK_VAULT_APPROLE_SECRET_ID", _text, "vault",
-          "approle_secret_id", secret=True),
-    Field("approle_secret_id_file", "BACKPACK_VAULT_APPROLE_SECRET_ID_FILE", _text, "vault",
-          "approle_secret_id_file"),
+    Field(
+        "approle_secret_id",
+        "BACKPACK_VAULT_APPROLE_SECRET_ID",
+        _text,
+        "vault",
+        "approle_secret_id",
+        secret=True,
+    ),
+    Field(
+        "approle_secret_id_file",
+        "BACKPACK_VAULT_APPROLE_SECRET_ID_FILE",
+        _text,
+        "vault",
+        "approle_secret_id_file",
+    ),
     Field("kubernetes_role", "BACKPACK_VAULT_KUBERNETES_ROLE", _text, "vault", "kubernetes_role"),
-    Field("kubernetes_jwt_file", "BACKPACK_VAULT_KUBERNETES_JWT_FILE", _text, "vault",
-          "kubernetes_jwt_file"),
+    Field(
+        "kubernetes_jwt_file",
+        "BACKPACK_VAULT_KUBERNETES_JWT_FILE",
+        _text,
+        "vault",
+        "kubernetes_jwt_file",
+    ),
     Field("kv_mount", "BACKPACK_VAULT_KV_MOUNT", _text, "vault", "kv_mount"),
     Field("kv_prefix", "BACKPACK_VAULT_KV_PREFIX", _text, "vault", "kv_prefix"),
     Field("grant_prefix", "BACKPACK_VAULT_GRANT_PREFIX", _text, "vault", "grant_prefix"),
@@ -196,12 +217,21 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field("wrap_ttl", "BACKPACK_VAULT_WRAP_TTL", _positive_int, "broker", "wrap_ttl"),
     Field("max_wrap_ttl", "BACKPACK_VAULT_MAX_WRAP_TTL", _positive_int, "broker", "max_wrap_ttl"),
     Field("backpack_url", "BACKPACK_VAULT_BACKPACK_URL", _url, "checks", "backpack_url"),
-    Field("check_interval", "BACKPACK_VAULT_CHECK_INTERVAL", _positive_float, "checks",
-          "interval"),
-    Field("check_concurrency", "BACKPACK_VAULT_CHECK_CONCURRENCY", _positive_int, "checks",
-          "concurrency"),
-    Field("subaccount_budget", "BACKPACK_VAULT_SUBACCOUNT_BUDGET", _positive_int, "checks",
-          "subaccount_budget_per_minute"),
+    Field("check_interval", "BACKPACK_VAULT_CHECK_INTERVAL", _positive_float, "checks", "interval"),
+    Field(
+        "check_concurrency",
+        "BACKPACK_VAULT_CHECK_CONCURRENCY",
+        _positive_int,
+        "checks",
+        "concurrency",
+    ),
+    Field(
+        "subaccount_budget",
+        "BACKPACK_VAULT_SUBACCOUNT_BUDGET",
+        _positive_int,
+        "checks",
+        "subaccount_budget_per_minute",
+    ),
     Field("lease_ttl", "BACKPACK_VAULT_LEASE_TTL", _positive_float, "checks", "lease_ttl"),
     Field("webhook_url", "BACKPACK_VAULT_WEBHOOK_URL", _url, "checks", "webhook_url"),
 )
@@ -224,6 +254,24 @@ def _read_file(path: Path) -> dict[str, object]:
     return data
 
 
+def _merge(
+    environ: Mapping[str, str], file: Path | None, flags: Mapping[str, object | None]
+) -> dict[str, object]:
+    raw: dict[str, object] = {
+        f.name: environ[f.env] for f in FIELDS if f.env and environ.get(f.env)
+    }
+    config_path = file or (
+        Path(environ["BACKPACK_VAULT_CONFIG"]) if environ.get("BACKPACK_VAULT_CONFIG") else None
+    )
+    if config_path is not None:
+        raw.update(_read_file(config_path))
+    unknown = sorted(set(flags) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+    raw.update({name: value for name, value in flags.items() if value is not None})
+    return raw
+
+
 def load(
     environ: Mapping[str, str],
     file: Path | None = None,
@@ -232,23 +280,8 @@ def load(
     tty: bool = False,
 ) -> Settings:
     """Build Settings from the three sources; flags win over the file, the file over env."""
-    raw: dict[str, object] = {}
-    for f in FIELDS:
-        if f.env and environ.get(f.env):
-            raw[f.name] = environ[f.env]
-    config_path = file or (
-        Path(environ["BACKPACK_VAULT_CONFIG"]) if environ.get("BACKPACK_VAULT_CONFIG") else None
-    )
-    if config_path is not None:
-        raw.update(_read_file(config_path))
-    for name, value in (flags or {}).items():
-        if name not in _BY_NAME:
-            raise ConfigError(f"unknown setting {name}")
-        if value is not None:
-            raw[name] = value
-    if "log_format" not in raw:
-        raw["log_format"] = "console" if tty else "json"
-
+    raw = _merge(environ, file, flags or {})
+    raw.setdefault("log_format", "console" if tty else "json")
     sections: dict[str, dict[str, object]] = {"": {}, "vault": {}, "broker": {}, "checks": {}}
     for name, value in raw.items():
         f = _BY_NAME[name]

@@ -77,9 +77,7 @@ class DevVault:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["HOME"] = self._home
         log = (
-            self.log_path.open("ab")
-            if self.log_path
-            else open(Path(self._home) / "bao.log", "ab")  # noqa: SIM115 - lives as long as bao
+            self.log_path.open("ab") if self.log_path else (Path(self._home) / "bao.log").open("ab")
         )
         self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [
@@ -135,7 +133,7 @@ class DevVault:
             shutil.rmtree(self._home, ignore_errors=True)
             self._home = None
 
-    def __enter__(self) -> DevVault:
+    def __enter__(self) -> DevVault:  # noqa: PYI034 - a dataclass, never subclassed
         return self.start()
 
     def __exit__(

@@ -35,14 +35,38 @@ class Endpoint:
 ENDPOINTS: Final[tuple[Endpoint, ...]] = (
     Endpoint("GET", "/api/v1/account", "accountQuery", state_changing=False, batch=False),
     Endpoint("PATCH", "/api/v1/account", "accountUpdate", state_changing=True, batch=False),
-    Endpoint("POST", "/api/v1/account/convertDust", "convertDust", state_changing=True, batch=False),
-    Endpoint("GET", "/api/v1/account/limits/borrow", "maxBorrowQuantity", state_changing=False, batch=False),
-    Endpoint("GET", "/api/v1/account/limits/order", "maxOrderQuantity", state_changing=False, batch=False),
-    Endpoint("GET", "/api/v1/account/limits/withdrawal", "maxWithdrawalQuantity", state_changing=False, batch=False),
+    Endpoint(
+        "POST", "/api/v1/account/convertDust", "convertDust", state_changing=True, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/account/limits/borrow",
+        "maxBorrowQuantity",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET", "/api/v1/account/limits/order", "maxOrderQuantity", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/account/limits/withdrawal",
+        "maxWithdrawalQuantity",
+        state_changing=False,
+        batch=False,
+    ),
     Endpoint("POST", "/api/v1/borrowLend", "borrowLendExecute", state_changing=True, batch=False),
-    Endpoint("GET", "/api/v1/borrowLend/positions", "borrowLendPositionQuery", state_changing=False, batch=False),
+    Endpoint(
+        "GET",
+        "/api/v1/borrowLend/positions",
+        "borrowLendPositionQuery",
+        state_changing=False,
+        batch=False,
+    ),
     Endpoint("GET", "/api/v1/capital", "balanceQuery", state_changing=False, batch=False),
-    Endpoint("GET", "/api/v1/capital/collateral", "collateralQuery", state_changing=False, batch=False),
+    Endpoint(
+        "GET", "/api/v1/capital/collateral", "collateralQuery", state_changing=False, batch=False
+    ),
     Endpoint("DELETE", "/api/v1/order", "orderCancel", state_changing=True, batch=False),
     Endpoint("GET", "/api/v1/order", "orderQuery", state_changing=False, batch=False),
     Endpoint("POST", "/api/v1/order", "orderExecute", state_changing=True, batch=False),
@@ -60,33 +84,111 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
     Endpoint("DELETE", "/api/v1/strategy", "strategyCancel", state_changing=True, batch=False),
     Endpoint("GET", "/api/v1/strategy", "strategyQuery", state_changing=False, batch=False),
     Endpoint("POST", "/api/v1/strategy", "strategyCreate", state_changing=True, batch=False),
-    Endpoint("GET", "/wapi/v1/capital/deposit/address", "depositAddressQuery", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/capital/deposits", "depositQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/capital/withdrawals", "withdrawalQueryAll", state_changing=False, batch=False),
+    Endpoint(
+        "GET",
+        "/wapi/v1/capital/deposit/address",
+        "depositAddressQuery",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET", "/wapi/v1/capital/deposits", "depositQueryAll", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/capital/withdrawals",
+        "withdrawalQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
     Endpoint("POST", "/wapi/v1/capital/withdrawals", "withdraw", state_changing=True, batch=False),
-    Endpoint("GET", "/wapi/v1/history/borrowLend", "borrowHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/borrowLend/positions", "borrowPositionHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/dust", "dustHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/fills", "fillHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/funding", "fundingHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/interest", "interestHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/orders", "orderHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/position", "positionHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/quote", "quoteHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/quote/fill", "quoteFillHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/rfq", "rfqHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/rfq/fill", "rfqFillHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/settlement", "settlementHistoryQueryAll", state_changing=False, batch=False),
-    Endpoint("GET", "/wapi/v1/history/strategies", "strategyHistoryQueryAll", state_changing=False, batch=False),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/borrowLend",
+        "borrowHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/borrowLend/positions",
+        "borrowPositionHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET", "/wapi/v1/history/dust", "dustHistoryQueryAll", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET", "/wapi/v1/history/fills", "fillHistoryQueryAll", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/funding",
+        "fundingHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/interest",
+        "interestHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET", "/wapi/v1/history/orders", "orderHistoryQueryAll", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/position",
+        "positionHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET", "/wapi/v1/history/quote", "quoteHistoryQueryAll", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/quote/fill",
+        "quoteFillHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET", "/wapi/v1/history/rfq", "rfqHistoryQueryAll", state_changing=False, batch=False
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/rfq/fill",
+        "rfqFillHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/settlement",
+        "settlementHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
+    Endpoint(
+        "GET",
+        "/wapi/v1/history/strategies",
+        "strategyHistoryQueryAll",
+        state_changing=False,
+        batch=False,
+    ),
 )
 
 # Signed, but not by a REST route: private WebSocket streams sign ``subscribe``.
 EXTRA_INSTRUCTIONS: Final[frozenset[str]] = frozenset({"subscribe"})
 
 _BY_ROUTE: Final[dict[tuple[str, str], Endpoint]] = {(e.method, e.path): e for e in ENDPOINTS}
-_STATE_CHANGING: Final[dict[str, bool]] = {e.instruction: e.state_changing for e in ENDPOINTS} | {
-    name: False for name in EXTRA_INSTRUCTIONS
-}
+_STATE_CHANGING: Final[dict[str, bool]] = {
+    e.instruction: e.state_changing for e in ENDPOINTS
+} | dict.fromkeys(EXTRA_INSTRUCTIONS, False)
 
 
 def lookup(method: str, path: str) -> Endpoint:

@@ -59,9 +59,7 @@ class KeyRef:
     def parse(cls, text: str) -> KeyRef:
         sub, sep, name = text.strip().partition("/")
         if not sep or "/" in name:
-            raise InvalidInput(
-                f"key {text!r} is not of the form SUBACCOUNT/NAME (e.g. main/bot-a)"
-            )
+            raise InvalidInput(f"key {text!r} is not of the form SUBACCOUNT/NAME (e.g. main/bot-a)")
         return cls(sub, name)
 
     def __str__(self) -> str:
@@ -113,7 +111,7 @@ def _strict_b64(field_name: str, text: str, hint: str) -> bytes:
 
 
 _KEY_HINT: Final = "paste the 44-character API key shown in the Backpack web UI"
-_SECRET_HINT: Final = "paste the 44-character API secret shown when the key was created"
+_SECRET_HINT: Final = "paste the 44-character API secret shown when the key was created"  # noqa: S105 - a hint
 
 
 def parse_api_key(text: str) -> str:

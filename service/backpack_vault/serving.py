@@ -18,7 +18,7 @@ from backpack_vault.errors import ServiceError
 __all__ = ["ServerThread", "make_server"]
 
 
-def make_server(app: Any, host: str, port: int, *, graceful_s: float = 10.0) -> uvicorn.Server:
+def make_server(app: Any, host: str, port: int, *, graceful_s: int = 10) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         host=host,
@@ -42,9 +42,7 @@ class ServerThread:
             port = free_port()
         self.host = host
         self.port = port
-        self.server = make_server(app, host, port, graceful_s=2.0)
-        # Signals belong to the main thread's owner, never to a background server.
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.server = make_server(app, host, port, graceful_s=2)
         self._thread = threading.Thread(target=self.server.run, name=f"asgi:{port}", daemon=True)
 
     @property
@@ -64,7 +62,7 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> ServerThread:  # noqa: PYI034 - never subclassed
         return self.start()
 
     def __exit__(

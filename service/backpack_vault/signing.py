@@ -53,7 +53,7 @@ def _value(key: str, value: object) -> str:
         return value
     if isinstance(value, float):
         raise InvalidInput(
-            f"parameter {key!r} is a float: send decimals as strings (e.g. \"180.50\") so the "
+            f'parameter {key!r} is a float: send decimals as strings (e.g. "180.50") so the '
             "signed text is exactly what is sent"
         )
     if value is None:
@@ -103,7 +103,9 @@ class Signer:
     __slots__ = ("_key", "api_key")
 
     def __init__(self, api_key: str, api_secret: str | Secret) -> None:
-        self._key = _signing_key(api_secret.reveal() if isinstance(api_secret, Secret) else api_secret)
+        self._key = _signing_key(
+            api_secret.reveal() if isinstance(api_secret, Secret) else api_secret
+        )
         derived = base64.b64encode(bytes(self._key.verify_key)).decode("ascii")
         if derived != api_key:
             raise InvalidInput("API secret does not belong to this API key")

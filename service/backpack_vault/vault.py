@@ -85,7 +85,9 @@ def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False
     if isinstance(exc, hvac.exceptions.VaultDown):
         raise VaultUnavailable(f"Vault is sealed or down ({op} {where})") from None
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        raise VaultUnavailable(f"Vault is unreachable ({op} {where}): {type(exc).__name__}") from None
+        raise VaultUnavailable(
+            f"Vault is unreachable ({op} {where}): {type(exc).__name__}"
+        ) from None
     if isinstance(exc, _TRANSIENT):
         raise VaultUnavailable(f"Vault failed ({op} {where}): {type(exc).__name__}") from None
     if isinstance(exc, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
@@ -101,7 +103,7 @@ def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False
     raise exc
 
 
-class _Missing(Exception):  # noqa: N818 - internal signal, never escapes this module
+class _Missing(Exception):
     pass
 
 
@@ -175,7 +177,9 @@ class Vault:
         with _calling("login", s.auth):
             if s.auth == "token":
                 if not s.token:
-                    raise ConfigError("no Vault token: set VAULT_TOKEN (or choose BACKPACK_VAULT_AUTH)")
+                    raise ConfigError(
+                        "no Vault token: set VAULT_TOKEN (or choose BACKPACK_VAULT_AUTH)"
+                    )
                 self._client.token = s.token.reveal()
             elif s.auth == "token-file":
                 self._client.token = _read_secret_file(s.token_file, "BACKPACK_VAULT_TOKEN_FILE")
@@ -257,7 +261,9 @@ class Vault:
         if response.status_code == 503:  # noqa: PLR2004
             raise VaultUnavailable("Vault is sealed")
         if response.status_code != 200:  # noqa: PLR2004
-            raise VaultUnavailable(f"Vault is not ready (sys/health answered {response.status_code})")
+            raise VaultUnavailable(
+                f"Vault is not ready (sys/health answered {response.status_code})"
+            )
 
     # -- keys in KV v2 ------------------------------------------------------------------
 
@@ -303,7 +309,9 @@ class Vault:
             meta = self._client.secrets.kv.v2.read_secret_metadata(
                 path=path, mount_point=self._mount
             )["data"]
-        return _record(ref, meta.get("custom_metadata") or {}, int(meta.get("current_version") or 0))
+        return _record(
+            ref, meta.get("custom_metadata") or {}, int(meta.get("current_version") or 0)
+        )
 
     def read_key(self, ref: KeyRef) -> tuple[KeyRecord, Secret]:
         """The key's record and its secret, in one read."""
@@ -503,7 +511,12 @@ class Provisioner:
         return True
 
     def ensure_approle_role(
-        self, role: str, policies: Sequence[str], *, mount: str = "approle", token_ttl: str = "1h"
+        self,
+        role: str,
+        policies: Sequence[str],
+        *,
+        mount: str = "approle",
+        token_ttl: str = "1h",  # noqa: S107 - a duration
     ) -> bool:
         wanted = {"token_policies": sorted(policies), "token_ttl": token_ttl}
         try:
@@ -519,7 +532,7 @@ class Provisioner:
                 role_name=role,
                 token_policies=list(policies),
                 token_ttl=token_ttl,
-                token_max_ttl="24h",
+                token_max_ttl="24h",  # noqa: S106 - a duration
                 mount_point=mount,
             )
         return True
@@ -561,7 +574,9 @@ class Provisioner:
             )
         return str(role_id["data"]["role_id"]), Secret(str(secret_id["data"]["secret_id"]))
 
-    def create_token(self, policies: Sequence[str], *, ttl: str = "1h", meta: Mapping[str, str] | None = None) -> Secret:
+    def create_token(
+        self, policies: Sequence[str], *, ttl: str = "1h", meta: Mapping[str, str] | None = None
+    ) -> Secret:
         """A child token with the given policies (for demos and tests)."""
         with _calling("create token", "auth/token/create"):
             body = self._client.auth.token.create(

@@ -1,0 +1,282 @@
+"""argv -> Settings -> one command. Errors become a message on stderr and an exit code.
+
+Exit codes (also in docs/cli.md)::
+
+    0  success                          6  conflict or key not usable
+    1  internal error                   7  rate limited
+    2  configuration or usage error     8  upstream error
+    3  invalid input                    9  Vault unavailable (sealed, down, unreachable)
+    4  not authenticated / not allowed  10 Vault denied our token or policy
+    5  unknown key                      11 Backpack unavailable   12 key rejected by Backpack
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import click
+
+from backpack_vault import __version__
+from backpack_vault.config import Secret, Settings, load_from_os
+from backpack_vault.errors import ConfigError, InvalidInput, ServiceError
+from backpack_vault.keys import (
+    KeyRecord,
+    KeyRef,
+    Origin,
+    Status,
+    generate_pair,
+    parse_key_pair,
+)
+from backpack_vault.logging import configure as configure_logging
+from backpack_vault.vault import Vault
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_SECRET_INPUT = 4096
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Context:
+    """What every command gets: flags collected so far; Settings built once, on first use."""
+
+    def __init__(self, config: Path | None, flags: dict[str, object | None]) -> None:
+        self.config = config
+        self.flags = flags
+        self._settings: Settings | None = None
+
+    def settings(self, **more: object | None) -> Settings:
+        if self._settings is None or more:
+            self.flags.update(more)
+            self._settings = load_from_os(self.config, self.flags)
+            configure_logging(self._settings.log_format, self._settings.log_level)
+        return self._settings
+
+    def vault(self) -> Vault:
+        vault = Vault(self.settings().vault)
+        vault.login()
+        return vault
+
+
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn our errors into `error: ...` on stderr and the class's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except ServiceError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def key_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> KeyRef:
+    try:
+        return KeyRef.parse(value)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="backpack-vault")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file (default: $BACKPACK_VAULT_CONFIG).",
+)
+@click.option("--vault-addr", help="Vault address (default: $VAULT_ADDR).")
+@click.option("--log-format", type=click.Choice(["json", "console"]), help="Log format.")
+@click.pass_context
+def cli(
+    ctx: click.Context, config: Path | None, vault_addr: str | None, log_format: str | None
+) -> None:
+    """Backpack Exchange API keys in Vault, handed to trading bots under Vault policy."""
+    ctx.obj = Context(config, {"vault_addr": vault_addr, "log_format": log_format})
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """Store, inspect, check and retire keys."""
+
+
+def _read_secret(secret_file: Path | None) -> Secret:
+    if secret_file is not None:
+        try:
+            text = secret_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidInput(f"cannot read --secret-file {secret_file}: {exc.strerror}") from None
+    elif sys.stdin.isatty():
+        text = click.prompt("API secret (input hidden)", hide_input=True, err=True)
+    else:
+        text = sys.stdin.read(MAX_SECRET_INPUT + 1)
+    if len(text) > MAX_SECRET_INPUT:
+        raise InvalidInput(
+            "the API secret input is far too long: paste only the 44-character secret"
+        )
+    if not text.strip():
+        raise InvalidInput(
+            "no API secret given: pipe it on stdin or use --secret-file (never on the command line)"
+        )
+    return Secret(text.strip())
+
+
+@keys.command("add")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--api-key", required=True, help="The API key (public) from the Backpack web UI.")
+@click.option("--read-only", is_flag=True, help="The key was created with Read Only on.")
+@click.option("--label", default="", help="A note for operators.")
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the API secret from this file instead of stdin.",
+)
+@pass_ctx
+@handle_errors
+def keys_add(
+    ctx: Context, key: KeyRef, api_key: str, read_only: bool, label: str, secret_file: Path | None
+) -> None:
+    """Store a key created in the Backpack web UI. The secret comes from stdin or a file."""
+    pair = parse_key_pair(api_key, _read_secret(secret_file))
+    stamp = now_iso()
+    record = KeyRecord(
+        ref=key,
+        api_key=pair.api_key,
+        read_only=read_only,
+        status=Status.ACTIVE,
+        origin=Origin.BACKPACK_UI,
+        created_at=stamp,
+        status_since=stamp,
+        label=label,
+    )
+    stored = ctx.vault().create_key(record, pair.secret)
+    click.echo(f"stored {stored.ref} ({stored.status}, version {stored.version})")
+
+
+@keys.command("generate")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--read-only", is_flag=True, help="You will switch Read Only on in the web UI.")
+@click.option("--label", default="", help="A note for operators.")
+@pass_ctx
+@handle_errors
+def keys_generate(ctx: Context, key: KeyRef, read_only: bool, label: str) -> None:
+    """Make a key pair here; the secret goes straight into Vault, the public key to you."""
+    pair = generate_pair()
+    stamp = now_iso()
+    record = KeyRecord(
+        ref=key,
+        api_key=pair.api_key,
+        read_only=read_only,
+        status=Status.PENDING,
+        origin=Origin.GENERATED,
+        created_at=stamp,
+        status_since=stamp,
+        label=label,
+    )
+    ctx.vault().create_key(record, pair.secret)
+    read_only_step = "switch Read Only ON" if read_only else "leave Read Only OFF"
+    where = " (the main account)" if key.subaccount == "main" else ""
+    click.echo(pair.api_key)
+    click.echo(
+        f"""
+Stored {key} as pending. Now, in the Backpack web UI
+(https://backpack.exchange/portfolio/settings/api-keys):
+  1. New API Key; name it (e.g. {key.name}).
+  2. Choose the sub-account {key.subaccount!r}{where}.
+  3. Paste the public key above into the "Public Key" field.
+  4. {read_only_step}, then create the key.
+The key becomes active when a check sees Backpack accept it:
+  backpack-vault keys check {key}""",
+        err=True,
+    )
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON output.")
+@pass_ctx
+@handle_errors
+def keys_list(ctx: Context, as_json: bool) -> None:
+    """List keys with their status (needs only metadata access)."""
+    records = ctx.vault().list_records()
+    if as_json:
+        click.echo(json.dumps([r.as_public_dict() for r in records], indent=2))
+        return
+    if not records:
+        click.echo("no keys stored", err=True)
+        return
+    rows = [("KEY", "STATUS", "MODE", "API KEY", "LABEL")]
+    rows += [
+        (str(r.ref), r.status.value, "read-only" if r.read_only else "trading", r.api_key, r.label)
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@keys.command("show")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON output.")
+@pass_ctx
+@handle_errors
+def keys_show(ctx: Context, key: KeyRef, as_json: bool) -> None:
+    """Show one key's metadata (never its secret)."""
+    shown = ctx.vault().read_record(key).as_public_dict()
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    for name, value in shown.items():
+        click.echo(f"{name + ':':<16} {_human(value)}")
+
+
+def _human(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value) if value not in ("", None) else "-"
+
+
+@keys.command("retire")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@pass_ctx
+@handle_errors
+def keys_retire(ctx: Context, key: KeyRef) -> None:
+    """Stop handing a key out, for good (it stays in Vault for audit)."""
+    record = ctx.vault().set_status(key, Status.RETIRED, now=now_iso())
+    click.echo(f"{record.ref} is {record.status}")
+
+
+@keys.command("delete")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--yes", is_flag=True, help="Confirm: every version and the metadata are destroyed.")
+@pass_ctx
+@handle_errors
+def keys_delete(ctx: Context, key: KeyRef, yes: bool) -> None:
+    """Delete a key and all its versions from Vault."""
+    if not yes:
+        raise ConfigError(f"deleting {key} destroys every version: run again with --yes")
+    ctx.vault().delete_key(key)
+    click.echo(f"deleted {key}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="backpack-vault", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
