@@ -67,3 +67,35 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+# --- sandbox exchange fixtures ---
+# One sandbox exchange per session on a loopback port (real HTTP, real uvicorn);
+# each test starts from a clean state: no keys, no faults, no orders, zero counts.
+
+import httpx  # noqa: E402
+
+from backpack_vault.sandbox import SandboxAdmin, SandboxState, create_app  # noqa: E402
+from backpack_vault.serving import ServerThread  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[tuple[ServerThread, SandboxState]]:
+    state = SandboxState(seed=7)
+    with ServerThread(create_app(state)) as server:
+        yield server, state
+
+
+@pytest.fixture
+def sandbox_state(sandbox_server: tuple[ServerThread, SandboxState]) -> SandboxState:
+    return sandbox_server[1]
+
+
+@pytest.fixture
+def sandbox(sandbox_server: tuple[ServerThread, SandboxState]) -> Iterator[SandboxAdmin]:
+    """The session's sandbox, reset; ``sandbox.url`` is its base URL."""
+    server, state = sandbox_server
+    state.reset()
+    with httpx.Client(base_url=server.url, timeout=5.0) as http:
+        yield SandboxAdmin(http)
+    state.reset()

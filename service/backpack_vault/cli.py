@@ -274,6 +274,139 @@ def keys_delete(ctx: Context, key: KeyRef, yes: bool) -> None:
     click.echo(f"deleted {key}")
 
 
+# -- vault and policies -------------------------------------------------------------------
+
+
+@cli.group("vault")
+def vault_group() -> None:
+    """Prepare Vault for backpack-vault."""
+
+
+@vault_group.command("setup")
+@click.option(
+    "--approle",
+    "approle_subs",
+    multiple=True,
+    metavar="SUB",
+    help="Enable AppRole with a worker role for this sub-account (repeatable).",
+)
+@click.option("--daemon-approle", is_flag=True, help="Also create the daemon's AppRole role.")
+@click.option("--approle-mount", default="approle", show_default=True)
+@click.option(
+    "--kubernetes",
+    "kubernetes",
+    is_flag=True,
+    help="Enable Kubernetes auth with a role for the daemon.",
+)
+@click.option("--kubernetes-role", default="backpack-vault", show_default=True)
+@click.option("--kubernetes-service-account", default="backpack-vault", show_default=True)
+@click.option(
+    "--kubernetes-namespace",
+    "kubernetes_namespaces",
+    multiple=True,
+    help="Namespace of the daemon's service account (repeatable).",
+)
+@click.option(
+    "--kubernetes-worker",
+    "kubernetes_workers",
+    multiple=True,
+    metavar="SUB",
+    help="A Kubernetes worker role for this sub-account (repeatable).",
+)
+@click.option(
+    "--kubernetes-worker-namespace",
+    "kubernetes_worker_namespaces",
+    multiple=True,
+    help="Namespace the worker service accounts live in (repeatable).",
+)
+@click.option("--kubernetes-mount", default="kubernetes", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON report.")
+@pass_ctx
+@handle_errors
+def vault_setup(
+    ctx: Context,
+    approle_subs: tuple[str, ...],
+    daemon_approle: bool,
+    approle_mount: str,
+    kubernetes: bool,
+    kubernetes_role: str,
+    kubernetes_service_account: str,
+    kubernetes_namespaces: tuple[str, ...],
+    kubernetes_workers: tuple[str, ...],
+    kubernetes_worker_namespaces: tuple[str, ...],
+    kubernetes_mount: str,
+    as_json: bool,
+) -> None:
+    """Idempotent: KV v2 mount, policies, and optionally AppRole and Kubernetes roles."""
+    from backpack_vault.provision import KubernetesAuth, setup  # noqa: PLC0415 - fast start
+
+    k8s = None
+    if kubernetes:
+        k8s = KubernetesAuth(
+            role=kubernetes_role,
+            service_account=kubernetes_service_account,
+            namespaces=kubernetes_namespaces or ("backpack-vault",),
+            mount=kubernetes_mount,
+            worker_subaccounts=kubernetes_workers,
+            worker_namespaces=kubernetes_worker_namespaces,
+        )
+    report = setup(
+        ctx.vault(),
+        ctx.settings(),
+        approle_subaccounts=approle_subs,
+        approle_daemon=daemon_approle,
+        approle_mount=approle_mount,
+        kubernetes=k8s,
+    )
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else str(report))
+
+
+@cli.group("policy")
+def policy_group() -> None:
+    """Print Vault policies for the grant paths."""
+
+
+@policy_group.command("worker")
+@click.argument("sub")
+@click.option("--key", "key_name", help="Only this key of the sub-account (default: all).")
+@click.option(
+    "--instruction",
+    "instructions",
+    multiple=True,
+    help="Grant signing of this instruction (repeatable; default: read-only ones).",
+)
+@click.option("--copy", "copy", is_flag=True, help="Also grant wrapped copies of the key.")
+@pass_ctx
+@handle_errors
+def policy_worker(
+    ctx: Context, sub: str, key_name: str | None, instructions: tuple[str, ...], copy: bool
+) -> None:
+    """Print a worker policy: sign (and optionally copy) grants for one sub-account."""
+    from backpack_vault.provision import render_worker_policy  # noqa: PLC0415 - fast start
+
+    grant_prefix = ctx.settings().vault.grant_prefix
+    click.echo(render_worker_policy(grant_prefix, sub, key_name, instructions, copy=copy), nl=False)
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+@cli.command("sandbox")
+@click.option("--listen", default="127.0.0.1:8300", show_default=True, metavar="HOST:PORT")
+@handle_errors
+def sandbox_command(listen: str) -> None:
+    """Serve the local Backpack exchange double (for tests, demos and your own bots)."""
+    from backpack_vault import sandbox  # noqa: PLC0415 - fast start
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {listen!r} must be HOST:PORT")
+    click.echo(
+        f"sandbox exchange on http://{host}:{port} (admin routes under /_sandbox/)", err=True
+    )
+    sandbox.serve(host, int(port))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="backpack-vault", standalone_mode=True)

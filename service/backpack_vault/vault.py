@@ -463,6 +463,26 @@ class Vault:
             data = client.auth.token.lookup_self()["data"]
         return self._token_from(data)
 
+    def probe_token(self) -> None:
+        """Raise VaultDenied unless Vault still accepts our own token; ``token_info`` is kept."""
+        with _calling("lookup-self", "auth/token/lookup-self"):
+            self._client.auth.token.lookup_self()
+
+    @classmethod
+    def for_service(
+        cls, settings: VaultSettings, *, clock: Callable[[], float] = time.time
+    ) -> Vault:
+        """A client for a long-running service: proxy settings are read once, here.
+
+        requests re-reads the proxy environment on every call (about 0.4 ms each,
+        measured); a daemon calling Vault on every handout reads it at startup.
+        REQUESTS_CA_BUNDLE is not consulted: Vault's own VAULT_CACERT is.
+        """
+        session = requests.Session()
+        session.proxies.update(requests.utils.get_environ_proxies(settings.addr))
+        session.trust_env = False
+        return cls(settings, session=session, clock=clock)
+
 
 class Provisioner:
     """Idempotent setup calls (``vault setup``): each returns True when it changed something."""
@@ -583,6 +603,30 @@ class Provisioner:
                 policies=list(policies), ttl=ttl, meta=dict(meta or {})
             )
         return Secret(str(body["auth"]["client_token"]))
+
+    # -- what exists already, for `vault setup` (provision.py): created vs changed -------
+
+    def auth_accessor(self, mount: str) -> str | None:
+        """The accessor of the auth method at ``mount``, or None when none is enabled there."""
+        with _calling("read auth", "sys/auth"):
+            methods = self._client.sys.list_auth_methods()
+        entry = (methods.get("data") or methods).get(f"{mount.strip('/')}/")
+        return str(entry["accessor"]) if entry else None
+
+    def policy_names(self) -> frozenset[str]:
+        with _calling("list policies", "sys/policy"):
+            body = self._client.sys.list_policies()
+        return frozenset((body.get("data") or body).get("policies") or ())
+
+    def role_names(self, mount: str) -> frozenset[str]:
+        """The roles of an AppRole or Kubernetes auth mount (both list ``auth/<mount>/role``)."""
+        mount = mount.strip("/")
+        with _calling("list roles", f"auth/{mount}/role"):
+            try:
+                body = self._client.list(f"auth/{mount}/role")
+            except hvac.exceptions.InvalidPath:
+                body = None
+        return frozenset(((body or {}).get("data") or {}).get("keys") or ())
 
 
 def _read_secret_file(path: str | None, setting: str) -> str:

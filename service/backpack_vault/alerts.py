@@ -1,0 +1,143 @@
+"""Alerts: a JSON POST to an operator's webhook when a key's status changes.
+
+Delivery is best effort with bounded retries (stamina): connection failures,
+timeouts, 429 and 5xx are retried; other answers are not. Nothing here ever
+raises into the caller, since an alert must not break the check that caused it.
+Payloads name keys, statuses and verdicts, and never carry secret material.
+The webhook URL itself is treated as a secret (chat webhooks embed a token in
+the path): logs show only its host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import httpx
+import stamina
+import structlog
+
+from backpack_vault.checks import CheckResult
+from backpack_vault.config import Secret
+from backpack_vault.keys import KeyRecord
+
+__all__ = ["Webhook", "status_change_payload"]
+
+log = structlog.get_logger()
+
+_RETRY_STATUSES: Final = frozenset({408, 425, 429})
+_HTTP_SERVER_ERROR: Final = 500
+
+
+class _Retryable(Exception):
+    """The receiver answered with a status worth retrying."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"webhook answered {status}")
+        self.status = status
+
+
+class Webhook:
+    """POSTs alerts to one URL. ``send`` returns whether the receiver accepted the alert."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        url: str | Secret,
+        *,
+        attempts: int = 4,
+        timeout_s: float = 5.0,
+        total_timeout_s: float = 30.0,
+        wait_initial_s: float = 0.5,
+        wait_max_s: float = 5.0,
+    ) -> None:
+        self._http = http
+        self._url = url if isinstance(url, Secret) else Secret(url)
+        self._attempts = attempts
+        self._timeout = httpx.Timeout(timeout_s)
+        self._total_timeout_s = total_timeout_s
+        self._wait_initial_s = wait_initial_s
+        self._wait_max_s = wait_max_s
+        try:
+            self.host = httpx.URL(self._url.reveal()).host
+        except httpx.InvalidURL:
+            self.host = "(invalid url)"
+
+    def __repr__(self) -> str:
+        return f"Webhook(host={self.host!r})"
+
+    def send(self, payload: Mapping[str, Any]) -> bool:
+        """Deliver one alert; log (never raise) when it cannot be delivered."""
+        event = str(payload.get("event", "alert"))
+        failure = self._deliver(payload)
+        if failure:
+            # The error's type or status only: an exception text may quote the URL.
+            log.error("alert.failed", alert=event, host=self.host, error=failure)
+            return False
+        log.info("alert.sent", alert=event, host=self.host)
+        return True
+
+    def _deliver(self, payload: Mapping[str, Any]) -> str:
+        """Empty when delivered, else what went wrong."""
+        try:
+            for attempt in stamina.retry_context(
+                on=(httpx.TransportError, _Retryable),
+                attempts=self._attempts,
+                timeout=self._total_timeout_s,
+                wait_initial=self._wait_initial_s,
+                wait_max=self._wait_max_s,
+            ):
+                with attempt:
+                    self._post(payload)
+        except _Retryable as exc:
+            return f"status {exc.status}"
+        except httpx.HTTPStatusError as exc:
+            return f"status {exc.response.status_code}"
+        except Exception as exc:  # noqa: BLE001 - an alert must never break its caller
+            return type(exc).__name__
+        return ""
+
+    def _post(self, payload: Mapping[str, Any]) -> None:
+        response = self._http.post(self._url.reveal(), json=dict(payload), timeout=self._timeout)
+        if response.status_code in _RETRY_STATUSES or response.status_code >= _HTTP_SERVER_ERROR:
+            raise _Retryable(response.status_code)
+        response.raise_for_status()
+
+    def key_status_changed(self, old: KeyRecord, new: KeyRecord, result: CheckResult) -> None:
+        """An ``on_change`` callback for ``checks.Checker``."""
+        self.send(status_change_payload(old, new, result))
+
+    def check_alert(self, result: CheckResult) -> None:
+        """Alert on a result that needs a human without changing a status (systemic, ...)."""
+        self.send(
+            {
+                "event": "check.alert",
+                "key": str(result.ref),
+                "verdict": result.label,
+                "reason": result.reason,
+                "http_status": result.http_status,
+                "code": result.code,
+                "message": result.message,
+                "at": result.checked_at,
+            }
+        )
+
+
+def status_change_payload(old: KeyRecord, new: KeyRecord, result: CheckResult) -> dict[str, Any]:
+    """The alert body for a status change: public fields only."""
+    return {
+        "event": "key.status_changed",
+        "key": str(new.ref),
+        "subaccount": new.ref.subaccount,
+        "name": new.ref.name,
+        "api_key": new.api_key,  # the public key, as shown in the Backpack web UI
+        "label": new.label,
+        "old_status": old.status.value,
+        "new_status": new.status.value,
+        "verdict": result.label,
+        "reason": result.reason,
+        "http_status": result.http_status,
+        "code": result.code,
+        "message": result.message,
+        "at": result.checked_at,
+    }

@@ -1,0 +1,610 @@
+"""Liveness checks: probe -> verdict, and the status change it implies. Never schedules.
+
+Steps for one key (``backpack/SPEC.md`` section 8)::
+
+    read key from Vault --status revoked/retired/incomplete--> not probed
+    local check (secret derives key, signature verifies) --fails--> MISCONFIGURED
+    sub-account request budget --spent--> UNKNOWN(rate_limited), nothing sent
+    GET /api/v1/status --not Ok--> UNKNOWN(maintenance), nothing signed
+    GET /api/v1/time (offset) -> signed GET /api/v1/account -> VERDICT_TABLE
+        "expired" --> resync the clock, retry once --still expired--> UNKNOWN(clock)
+        REJECTED candidate --> resync, second probe --rejected again--> REJECTED
+                                                   --anything else-----> UNKNOWN
+    status change only: pending->active on VALID, active->revoked on REJECTED
+
+A sweep (:meth:`Checker.check_many`) adds the systemic guard: when several keys
+are probed and every one is rejected, Backpack probably changed, not the keys,
+so all of them are reported UNKNOWN(systemic) and none is revoked.
+
+:class:`RequestBudget` and :class:`Lease` are here too: both are pure logic
+over an injected clock (and Vault for the lease); ``daemon.py`` decides when
+they run.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Final
+
+import structlog
+
+from backpack_vault.config import Secret
+from backpack_vault.errors import InvalidInput, ServiceError, UnknownKey, WriteConflict
+from backpack_vault.exchange import Exchange, ProbeResponse
+from backpack_vault.keys import KeyRecord, KeyRef, Status
+from backpack_vault.signing import Signer, verify
+from backpack_vault.vault import Vault
+
+__all__ = [
+    "DEFAULT_BUDGET_PER_MINUTE",
+    "PROBE_WINDOW_MS",
+    "VERDICT_TABLE",
+    "CheckResult",
+    "Checker",
+    "Lease",
+    "OnChange",
+    "RequestBudget",
+    "Rule",
+    "Verdict",
+    "classify",
+    "refs_of",
+]
+
+log = structlog.get_logger()
+
+PROBE_WINDOW_MS: Final = 5000
+DEFAULT_BUDGET_PER_MINUTE: Final = 120  # Backpack allows 2000/min per sub-account
+SYSTEMIC_MIN_KEYS: Final = 3
+_PROBED: Final = frozenset({Status.PENDING, Status.ACTIVE})
+
+
+class Verdict(enum.StrEnum):
+    VALID = "VALID"
+    REJECTED = "REJECTED"
+    UNKNOWN = "UNKNOWN"
+    MISCONFIGURED = "MISCONFIGURED"
+
+
+# -- the verdict table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One row of SPEC.md section 8's table. Empty sets match anything."""
+
+    row: int
+    verdict: Verdict  # REJECTED here means "a candidate": a second probe must agree
+    reason: str
+    statuses: frozenset[int] = frozenset()
+    codes: frozenset[str] = frozenset()
+    either: bool = False  # status OR code (rows 2-4); otherwise status AND code
+    message: str = ""  # case-insensitive substring
+    json_object: bool | None = None
+    network: bool = False  # matches only "no HTTP answer"; every other row needs one
+    resync: bool = False  # resync the clock and retry once (row 5)
+    alert: bool = False
+
+    def matches(self, r: ProbeResponse) -> bool:
+        if r.network_failure or self.network:
+            return r.network_failure and self.network
+        status_hit = r.status in self.statuses
+        code_hit = r.code in self.codes
+        if self.either:
+            if not (status_hit or code_hit):
+                return False
+        elif (self.statuses and not status_hit) or (self.codes and not code_hit):
+            return False
+        if self.message and self.message not in r.message.lower():
+            return False
+        return self.json_object is None or r.is_object == self.json_object
+
+
+def _span(low: int, high: int) -> frozenset[int]:
+    return frozenset(range(low, high + 1))
+
+
+_AUTH_STATUSES: Final = frozenset({400, 401, 403})
+
+# First match wins. Correct a row here once Backpack's live answers are known.
+VERDICT_TABLE: Final[tuple[Rule, ...]] = (
+    Rule(1, Verdict.VALID, "accepted", statuses=frozenset({200}), json_object=True),
+    Rule(2, Verdict.UNKNOWN, "rate_limited", statuses=frozenset({429}),
+         codes=frozenset({"TOO_MANY_REQUESTS"}), either=True),
+    Rule(3, Verdict.UNKNOWN, "maintenance", statuses=frozenset({503}),
+         codes=frozenset({"MAINTENANCE"}), either=True),
+    Rule(4, Verdict.UNKNOWN, "server_error", statuses=_span(500, 599),
+         codes=frozenset({"SERVER_ERROR", "TIMEOUT"}), either=True),
+    Rule(5, Verdict.UNKNOWN, "clock", statuses=_span(400, 499), message="expired", resync=True),
+    Rule(6, Verdict.REJECTED, "signature_rejected", statuses=_AUTH_STATUSES,
+         codes=frozenset({"INVALID_CLIENT_REQUEST"})),
+    Rule(7, Verdict.REJECTED, "key_rejected", statuses=_AUTH_STATUSES,
+         codes=frozenset({"UNAUTHORIZED", "INVALID_SIGNATURE", "FORBIDDEN"})),
+    Rule(8, Verdict.REJECTED, "account_deactivated", statuses=_AUTH_STATUSES,
+         codes=frozenset({"ACCOUNT_DEACTIVATED"})),
+    Rule(9, Verdict.REJECTED, "key_rejected", statuses=frozenset({401, 403})),
+    Rule(10, Verdict.UNKNOWN, "unexpected_response", alert=True),
+    Rule(11, Verdict.UNKNOWN, "network", network=True),
+)  # fmt: skip
+
+
+def classify(response: ProbeResponse) -> Rule:
+    """The first row of :data:`VERDICT_TABLE` that matches (row 10 or 11 always does)."""
+    return next(rule for rule in VERDICT_TABLE if rule.matches(response))
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one check: verdict, why, and the answer it rests on (never headers)."""
+
+    ref: KeyRef
+    verdict: Verdict
+    reason: str
+    checked_at: str
+    row: int | None = None
+    http_status: int | None = None
+    code: str = ""
+    message: str = ""
+    probes: int = 0  # signed requests sent
+    alert: bool = False
+    old_status: Status | None = None
+    new_status: Status | None = None  # set only when this check changed the status
+
+    @property
+    def label(self) -> str:
+        """``VALID``, ``REJECTED(key_rejected)``, ``UNKNOWN(network)``: for ``last_verdict``."""
+        return (
+            self.verdict.value
+            if self.verdict is Verdict.VALID
+            else f"{self.verdict}({self.reason})"
+        )
+
+    @property
+    def changed(self) -> bool:
+        return self.new_status is not None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "key": str(self.ref),
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "label": self.label,
+            "checked_at": self.checked_at,
+            "row": self.row,
+            "http_status": self.http_status,
+            "code": self.code,
+            "message": self.message,
+            "probes": self.probes,
+            "alert": self.alert,
+            "old_status": self.old_status.value if self.old_status else None,
+            "new_status": self.new_status.value if self.new_status else None,
+        }
+
+
+OnChange = Callable[[KeyRecord, KeyRecord, CheckResult], None]
+
+
+# -- the per-sub-account request budget ----------------------------------------------------------
+
+
+class RequestBudget:
+    """A token bucket per sub-account: ``per_minute`` requests, refilled continuously."""
+
+    def __init__(
+        self,
+        per_minute: int = DEFAULT_BUDGET_PER_MINUTE,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if per_minute <= 0:
+            raise ValueError("per_minute must be positive")
+        self.per_minute = per_minute
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # sub -> (tokens, at)
+
+    def _refilled(self, subaccount: str, now: float) -> float:
+        tokens, at = self._buckets.get(subaccount, (float(self.per_minute), now))
+        return min(float(self.per_minute), tokens + (now - at) * self.per_minute / 60)
+
+    def try_acquire(self, subaccount: str, cost: float = 1.0) -> bool:
+        """Take ``cost`` requests from the sub-account's bucket; False (and take none) if short."""
+        with self._lock:
+            now = self._clock()
+            tokens = self._refilled(subaccount, now)
+            if tokens < cost:
+                self._buckets[subaccount] = (tokens, now)
+                return False
+            self._buckets[subaccount] = (tokens - cost, now)
+            return True
+
+    def remaining(self, subaccount: str) -> float:
+        with self._lock:
+            return self._refilled(subaccount, self._clock())
+
+
+# -- the checker ----------------------------------------------------------------------------------
+
+
+class _Outcome:
+    """One check in progress: counts the signed requests it sent."""
+
+    __slots__ = ("probes", "ref", "sub")
+
+    def __init__(self, ref: KeyRef) -> None:
+        self.ref = ref
+        self.sub = ref.subaccount
+        self.probes = 0
+
+
+class Checker:
+    """Checks keys against Backpack; writes a key's status to Vault only when it changes."""
+
+    def __init__(
+        self,
+        vault: Vault,
+        exchange: Exchange,
+        *,
+        clock: Callable[[], float] = time.time,
+        budget: RequestBudget | None = None,
+        on_change: OnChange | None = None,
+        window_ms: int = PROBE_WINDOW_MS,
+        confirm_delay_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        systemic_min_keys: int = SYSTEMIC_MIN_KEYS,
+    ) -> None:
+        self._vault = vault
+        self._exchange = exchange
+        self._clock = clock
+        self._budget = budget or RequestBudget()
+        self._on_change = on_change
+        self._window_ms = window_ms
+        self._confirm_delay_s = confirm_delay_s
+        self._sleep = sleep
+        self._systemic_min_keys = systemic_min_keys
+        self._running: set[KeyRef] = set()
+        self._running_lock = threading.Lock()
+
+    # -- public ---------------------------------------------------------------------------
+
+    def check(self, ref: KeyRef) -> CheckResult:
+        """Check one key; raises UnknownKey, VaultUnavailable, ... from reading it."""
+        result, record = self._evaluate(ref)
+        return self._settle(record, result)
+
+    def check_many(self, refs: Iterable[KeyRef], *, concurrency: int = 1) -> list[CheckResult]:
+        """Check several keys (a sweep) with the systemic guard; Vault errors become UNKNOWN."""
+        refs = list(refs)
+        if concurrency > 1 and len(refs) > 1:
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="check") as pool:
+                evaluated = list(pool.map(self._evaluate_in_sweep, refs))
+        else:
+            evaluated = [self._evaluate_in_sweep(ref) for ref in refs]
+        found = [item for item in evaluated if item is not None]
+        found = self._systemic_guard(found)
+        results = []
+        for result, record in found:
+            try:
+                results.append(self._settle(record, result))
+            except ServiceError as exc:
+                log.warning("check.status_write_failed", key=str(result.ref), error=exc.message)
+                results.append(result)
+        return results
+
+    # -- evaluation (no Vault writes) ---------------------------------------------------------
+
+    def _now_iso(self) -> str:
+        return datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="seconds")
+
+    def _result(
+        self,
+        ref: KeyRef,
+        verdict: Verdict,
+        reason: str,
+        *,
+        outcome: _Outcome | None = None,
+        response: ProbeResponse | None = None,
+        rule: Rule | None = None,
+        old: Status | None = None,
+        alert: bool = False,
+    ) -> CheckResult:
+        return CheckResult(
+            ref=ref,
+            verdict=verdict,
+            reason=reason,
+            checked_at=self._now_iso(),
+            row=rule.row if rule else None,
+            http_status=response.status if response else None,
+            code=response.code if response else "",
+            message=(response.message or response.network_error) if response else "",
+            probes=outcome.probes if outcome else 0,
+            alert=alert or (rule.alert if rule else False),
+            old_status=old,
+        )
+
+    def _evaluate_in_sweep(self, ref: KeyRef) -> tuple[CheckResult, KeyRecord | None] | None:
+        try:
+            return self._evaluate(ref)
+        except UnknownKey:
+            log.info("check.key_gone", key=str(ref))
+            return None
+        except ServiceError as exc:
+            log.warning("check.vault_error", key=str(ref), error=exc.message)
+            return self._result(ref, Verdict.UNKNOWN, "vault_unavailable"), None
+
+    def _evaluate(self, ref: KeyRef) -> tuple[CheckResult, KeyRecord | None]:
+        with self._running_lock:
+            if ref in self._running:
+                return self._result(ref, Verdict.UNKNOWN, "already_running"), None
+            self._running.add(ref)
+        try:
+            record, secret = self._vault.read_key(ref)
+            result = self._evaluate_record(record, secret)
+        finally:
+            with self._running_lock:
+                self._running.discard(ref)
+        log.info(
+            "check.verdict",
+            key=str(ref),
+            verdict=result.verdict.value,
+            reason=result.reason,
+            row=result.row,
+            http_status=result.http_status,
+            code=result.code,
+            probes=result.probes,
+        )
+        return result, record
+
+    def _evaluate_record(self, record: KeyRecord, secret: Secret) -> CheckResult:
+        ref, old = record.ref, record.status
+        if old not in _PROBED:
+            return self._result(ref, Verdict.UNKNOWN, "not_probed", old=old)
+        signer = _local_check(record, secret)
+        if isinstance(signer, str):
+            return self._result(ref, Verdict.MISCONFIGURED, signer, old=old, alert=True)
+        return self._remote(record, signer)
+
+    def _remote(self, record: KeyRecord, signer: Signer) -> CheckResult:
+        ref, old = record.ref, record.status
+        outcome = _Outcome(ref)
+        if not self._budget.try_acquire(outcome.sub):
+            return self._result(ref, Verdict.UNKNOWN, "rate_limited", old=old)
+        status = self._exchange.status()
+        if not status.ok:
+            if status.maintenance:
+                return self._result(
+                    ref, Verdict.UNKNOWN, "maintenance", response=status.response, old=old
+                )
+            return self._unsigned_failure(ref, status.response, old)
+        first = self._probe(outcome, signer, old, budgeted=True)
+        if first.verdict is not Verdict.REJECTED:
+            return first
+        if self._confirm_delay_s > 0:
+            self._sleep(self._confirm_delay_s)
+        second = self._probe(outcome, signer, old, budgeted=False)
+        if second.verdict is Verdict.REJECTED:
+            return second
+        log.warning(
+            "check.rejection_unconfirmed", key=str(ref), first=first.label, second=second.label
+        )
+        return replace(
+            second, verdict=Verdict.UNKNOWN, reason="unconfirmed_rejection", row=second.row
+        )
+
+    def _unsigned_failure(self, ref: KeyRef, response: ProbeResponse, old: Status) -> CheckResult:
+        """A public route failed: only the table's UNKNOWN reasons apply (nothing was signed)."""
+        rule = classify(response)
+        if rule.verdict is Verdict.UNKNOWN and not rule.resync:
+            return self._result(
+                ref, Verdict.UNKNOWN, rule.reason, response=response, rule=rule, old=old
+            )
+        return self._result(
+            ref, Verdict.UNKNOWN, "unexpected_response", response=response, old=old, alert=True
+        )
+
+    def _probe(
+        self, outcome: _Outcome, signer: Signer, old: Status, *, budgeted: bool
+    ) -> CheckResult:
+        """Measure the offset and probe; on "expired", resync and probe once more."""
+        for attempt in range(2):
+            sync = self._exchange.sync_clock()
+            if not sync.ok:
+                return self._unsigned_failure(outcome.ref, sync.response, old)
+            if not (budgeted and attempt == 0) and not self._budget.try_acquire(outcome.sub):
+                return self._result(
+                    outcome.ref, Verdict.UNKNOWN, "rate_limited", outcome=outcome, old=old
+                )
+            outcome.probes += 1
+            response = self._exchange.probe(signer, self._window_ms)
+            rule = classify(response)
+            if not rule.resync:
+                break
+            if attempt == 0:
+                log.info("check.clock_resync", key=str(outcome.ref), offset_ms=sync.offset_ms)
+        return self._result(
+            outcome.ref,
+            rule.verdict,
+            rule.reason,
+            outcome=outcome,
+            response=response,
+            rule=rule,
+            old=old,
+        )
+
+    def _systemic_guard(
+        self, found: list[tuple[CheckResult, KeyRecord | None]]
+    ) -> list[tuple[CheckResult, KeyRecord | None]]:
+        probed = [(r, rec) for r, rec in found if r.probes > 0]
+        would_revoke = any(rec is not None and rec.status is Status.ACTIVE for _, rec in probed)
+        if (
+            len(probed) < self._systemic_min_keys
+            or not would_revoke
+            or any(r.verdict is not Verdict.REJECTED for r, _ in probed)
+        ):
+            return found
+        log.error("check.systemic", keys=len(probed), reasons=sorted({r.reason for r, _ in probed}))
+        return [
+            (replace(r, verdict=Verdict.UNKNOWN, reason="systemic", alert=True), rec)
+            if r.probes > 0
+            else (r, rec)
+            for r, rec in found
+        ]
+
+    # -- the only Vault write ---------------------------------------------------------------
+
+    def _settle(self, record: KeyRecord | None, result: CheckResult) -> CheckResult:
+        """Write the status when the verdict changes it; call ``on_change``."""
+        if record is None:
+            return result
+        old = record.status
+        new: Status | None = None
+        if result.verdict is Verdict.VALID and old is Status.PENDING:
+            new = Status.ACTIVE
+        elif result.verdict is Verdict.REJECTED and old is Status.ACTIVE:
+            new = Status.REVOKED
+        if new is None:
+            return result
+        try:
+            updated = self._vault.set_status(
+                record.ref, new, now=result.checked_at, verdict=result.label, expect=old
+            )
+        except WriteConflict as exc:
+            log.warning("check.status_conflict", key=str(record.ref), error=exc.message)
+            return result
+        result = replace(result, new_status=new)
+        log.warning(
+            "key.status_changed",
+            key=str(record.ref),
+            old=old.value,
+            new=new.value,
+            verdict=result.label,
+        )
+        if self._on_change is not None:
+            try:
+                self._on_change(record, updated, result)
+            except Exception as exc:  # noqa: BLE001 - the cascade must not undo a recorded change
+                # Not log.exception: a rendered traceback may show locals (the records).
+                log.error(  # noqa: TRY400
+                    "check.on_change_failed", key=str(record.ref), error=type(exc).__name__
+                )
+        return result
+
+
+def _local_check(record: KeyRecord, secret: Secret) -> Signer | str:
+    """Step 1, no network: a Signer, or the reason the stored pair is unusable."""
+    try:
+        signer = Signer(record.api_key, secret)
+    except InvalidInput as exc:
+        mismatch = "does not belong" in exc.message
+        return "secret_mismatch" if mismatch else "secret_invalid"
+    message = "instruction=accountQuery&timestamp=1&window=1"
+    if not verify(record.api_key, message, signer.sign(message)):
+        return "signature_invalid"
+    return signer
+
+
+# -- the leader lease ---------------------------------------------------------------------------
+
+
+class Lease:
+    """One leader among replicas: a KV document renewed with check-and-set.
+
+    The document holds ``holder`` and ``expires_at`` (epoch seconds). A holder
+    renews before expiry; anyone may take over once it has expired. Every write
+    carries the version just read, so two contenders never both win.
+    """
+
+    def __init__(
+        self,
+        vault: Vault,
+        holder: str | None = None,
+        *,
+        ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        name: str = "leader",
+    ) -> None:
+        self._vault = vault
+        self.holder = holder or f"replica-{uuid.uuid4().hex[:12]}"
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._name = name
+        self._expires_at = 0.0
+
+    def held(self, now: float | None = None) -> bool:
+        """Whether this replica holds an unexpired lease, as far as it last knew."""
+        return (self._clock() if now is None else now) < self._expires_at
+
+    def acquire_or_renew(self, now: float | None = None) -> bool:
+        """Take the lease if free or expired, renew it if ours; False when another holds it."""
+        now = self._clock() if now is None else now
+        try:
+            current = self._vault.read_document(self._name)
+            cas = 0
+            if current is not None:
+                data, cas = current
+                holder = str(data.get("holder", ""))
+                expires_at = _float(data.get("expires_at"))
+                if holder != self.holder and expires_at > now:
+                    self._expires_at = 0.0
+                    return False
+            self._vault.write_document(
+                self._name,
+                {"holder": self.holder, "expires_at": now + self.ttl_s, "renewed_at": now},
+                cas=cas,
+            )
+        except WriteConflict:
+            log.info("lease.lost_race", holder=self.holder)
+            self._expires_at = 0.0
+            return False
+        except ServiceError as exc:
+            log.warning("lease.unavailable", holder=self.holder, error=exc.message)
+            self._expires_at = 0.0
+            return False
+        if self._expires_at <= now:
+            log.info("lease.acquired", holder=self.holder, ttl_s=self.ttl_s)
+        self._expires_at = now + self.ttl_s
+        return True
+
+    def release(self) -> None:
+        """Give the lease up now (on shutdown) so another replica need not wait for expiry."""
+        was_held = self._expires_at > 0
+        self._expires_at = 0.0
+        if not was_held:
+            return
+        now = self._clock()
+        try:
+            current = self._vault.read_document(self._name)
+            if current is None or current[0].get("holder") != self.holder:
+                return
+            self._vault.write_document(
+                self._name,
+                {"holder": self.holder, "expires_at": 0, "released_at": now},
+                cas=current[1],
+            )
+        except ServiceError as exc:
+            log.warning("lease.release_failed", holder=self.holder, error=exc.message)
+            return
+        log.info("lease.released", holder=self.holder)
+
+
+def _float(value: object) -> float:
+    if isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+def refs_of(records: Sequence[KeyRecord]) -> list[KeyRef]:
+    """The refs of the records worth probing (pending or active)."""
+    return [r.ref for r in records if r.status in _PROBED]
