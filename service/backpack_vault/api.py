@@ -1,0 +1,385 @@
+"""HTTP for workers: request -> broker -> response; errors -> status codes, in one place.
+
+Routes (DESIGN.md "Worker API")::
+
+    POST /v1/keys/{sub}/{name}/copy     wrapped copy            grant: copy (read)
+    POST /v1/keys/{sub}/{name}/sign     four signed headers     grant: sign/<instruction> (update)
+    GET  /v1/keys/{sub}/{name}          status and metadata     grant: copy or any sign
+    POST /v1/keys/{sub}/{name}/report   "Backpack rejected it"  grant: copy or any sign; 429
+    GET  /healthz  /readyz  /metrics
+
+The broker is synchronous (hvac), so every call into it runs in the thread
+pool. Tokens arrive in ``X-Vault-Token`` or ``Authorization: Bearer`` and stay
+``Secret`` objects; no response body but a copy's own ``wrap_token`` carries
+anything secret.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Final
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from backpack_vault.broker import Broker, KeyInfo, ReadOnlyKey
+from backpack_vault.config import Secret
+from backpack_vault.errors import (
+    InvalidInput,
+    KeyNotUsable,
+    RateLimited,
+    ServiceError,
+    UpstreamError,
+    VaultUnavailable,
+)
+from backpack_vault.instructions import is_known
+from backpack_vault.keys import KeyRef
+from backpack_vault.logging import get_logger
+from backpack_vault.metrics import NO_KEY, Metrics
+
+__all__ = ["Readiness", "ReportCallback", "create_app", "error_response"]
+
+log = get_logger("backpack_vault.api")
+
+Readiness = Callable[[], "bool | tuple[bool, str]"]
+ReportCallback = Callable[[KeyRef, str], None]
+
+MAX_BODY_BYTES: Final = 256 * 1024
+MAX_REASON_CHARS: Final = 200
+_UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+# Outcomes after which the broker has seen the key in Vault: only these name the key in a
+# metric label, so requests for made-up names cannot grow the series.
+_KEY_SEEN: Final = frozenset({"ok", KeyNotUsable.code, ReadOnlyKey.code})
+
+
+class ReportsLimited(RateLimited):
+    def __init__(self, key: KeyRef, interval_s: float, retry_after_s: float) -> None:
+        super().__init__(
+            f"a report for {key} was accepted moments ago and a check is on its way; reports "
+            f"are limited to one per {interval_s:g}s per key"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class _NotFound(ServiceError):
+    http_status: ClassVar[int] = 404
+    code: ClassVar[str] = "not_found"
+
+
+class _MethodNotAllowed(ServiceError):
+    http_status: ClassVar[int] = 405
+    code: ClassVar[str] = "method_not_allowed"
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    """The one translation of our errors into HTTP: ``{"error": {"code", "message"}}``."""
+    error: dict[str, str] = {"code": exc.code, "message": exc.message}
+    headers: dict[str, str] = {}
+    if isinstance(exc, KeyNotUsable):
+        error["status"] = exc.status
+    if isinstance(exc, VaultUnavailable):
+        error["message"] = (
+            "Vault is unavailable, so keys cannot be checked or handed out right now; retry "
+            f"shortly ({exc.message})"
+        )
+        headers["Retry-After"] = "1"
+    if isinstance(exc, ReportsLimited):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return JSONResponse({"error": error}, status_code=exc.http_status, headers=headers)
+
+
+def _internal_error() -> JSONResponse:
+    return error_response(ServiceError("internal error in backpack-vault; see the daemon's logs"))
+
+
+def _token(request: Request) -> Secret | None:
+    value = request.headers.get("x-vault-token", "").strip()
+    if value:
+        return Secret(value)
+    scheme, _, rest = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and rest.strip():
+        return Secret(rest.strip())
+    return None
+
+
+def _ref(request: Request) -> KeyRef:
+    return KeyRef(str(request.path_params["sub"]), str(request.path_params["name"]))
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    too_large = InvalidInput(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # bounded even without a Content-Length
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def _optional_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer of milliseconds")
+    return value
+
+
+def _sign_request(body: dict[str, Any]) -> tuple[str, Any, int | None, int | None]:
+    unknown = sorted(set(body) - {"instruction", "params", "timestamp", "window"})
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(unknown)[:200]} in the sign request")
+    instruction = body.get("instruction")
+    if not isinstance(instruction, str) or not instruction:
+        raise InvalidInput(
+            '"instruction" is required: a Backpack instruction name, e.g. orderExecute'
+        )
+    params = body.get("params")
+    if params is not None and not isinstance(params, (dict, list)):
+        raise InvalidInput('"params" must be an object, or a list of objects for batch orders')
+    if isinstance(params, list) and not all(isinstance(p, dict) for p in params):
+        raise InvalidInput('"params" must be an object, or a list of objects for batch orders')
+    return instruction, params, _optional_int(body, "timestamp"), _optional_int(body, "window")
+
+
+class _RateLimiter:
+    """At most one event per ``interval_s`` per key; used on the event loop only."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self._interval = interval_s
+        self._clock = clock
+        self._last: dict[KeyRef, float] = {}
+
+    def take(self, key: KeyRef) -> None:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            raise ReportsLimited(key, self._interval, self._interval - (now - last))
+        if len(self._last) > 10_000:  # noqa: PLR2004 - a bound, not a tunable
+            self._last = {k: t for k, t in self._last.items() if now - t < self._interval}
+        self._last[key] = now
+
+
+def _no_report(ref: KeyRef, reason: str) -> None:
+    log.info("check.report_received", key=str(ref), reason=reason)
+
+
+class _Api:
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Metrics,
+        readiness: Readiness,
+        report: ReportCallback,
+        limiter: _RateLimiter,
+    ) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        self.readiness = readiness
+        self.report_callback = report
+        self.limiter = limiter
+
+    # -- the shared request path ----------------------------------------------------------
+
+    async def _answer(
+        self,
+        route: str,
+        request: Request,
+        work: Callable[[Secret | None, dict[str, Any]], Awaitable[Response]],
+    ) -> Response:
+        """Run ``work``; translate errors; record one metric sample and one log event.
+
+        ``work`` notes what it learns (instruction, version) in ``facts`` for the log event.
+        """
+        started = time.perf_counter()
+        token = _token(request)
+        facts: dict[str, Any] = {}
+        try:
+            response = await work(token, facts)
+            outcome = "ok"
+        except ServiceError as exc:
+            response, outcome = error_response(exc), exc.code
+            if isinstance(exc, UpstreamError):
+                log.warning("api.upstream_failed", route=route, error=exc.code, detail=exc.message)
+        except Exception:  # the worker gets a 500 without details; the log has the rest
+            log.exception("api.internal_error", route=route)
+            response, outcome = _internal_error(), "internal"
+        seconds = time.perf_counter() - started
+        self.metrics.observe_request(route, response.status_code, seconds)
+        if route in ("copy", "sign", "info", "report"):
+            self._record(route, request, token, outcome, facts, seconds)
+        return response
+
+    def _record(
+        self,
+        route: str,
+        request: Request,
+        token: Secret | None,
+        outcome: str,
+        facts: dict[str, Any],
+        seconds: float,
+    ) -> None:
+        key = f"{request.path_params.get('sub', '')}/{request.path_params.get('name', '')}"
+        label = key if outcome in _KEY_SEEN else NO_KEY
+        instruction = str(facts.get("instruction") or "")
+        if route == "copy":
+            self.metrics.observe_copy(label, outcome)
+        elif route == "sign":
+            shown = instruction if is_known(instruction) else "unknown"
+            self.metrics.observe_signature(label, shown, outcome)
+        elif route == "report":
+            self.metrics.observe_report(label, outcome)
+        log.info(
+            "api.handout" if route in ("copy", "sign") else f"api.{route}",
+            action=route,
+            key=key[:130],
+            identity=self.broker.identity(token),
+            outcome=outcome,
+            duration_ms=round(seconds * 1000, 2),
+            **({"instruction": instruction[:64]} if instruction else {}),
+            **{k: v for k, v in facts.items() if k != "instruction"},
+        )
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def copy(self, request: Request) -> Response:
+        async def work(token: Secret | None, facts: dict[str, Any]) -> Response:
+            ref = _ref(request)
+            handout = self.broker.copy_now(token, ref)
+            if handout is None:
+                handout = await run_in_threadpool(self.broker.copy, token, ref)
+            facts.update(version=handout.version, wrap_ttl_s=handout.wrap_ttl)
+            # After the answer is sent: wrap the next copy of this key ahead of time.
+            return JSONResponse(handout.as_response(), background=BackgroundTask(self._refill, ref))
+
+        return await self._answer("copy", request, work)
+
+    async def sign(self, request: Request) -> Response:
+        async def work(token: Secret | None, facts: dict[str, Any]) -> Response:
+            ref = _ref(request)
+            body = await _json_object(request)
+            if isinstance(body.get("instruction"), str):
+                facts["instruction"] = body["instruction"]
+            instruction, params, timestamp, window = _sign_request(body)
+            signature = self.broker.sign_now(
+                token, ref, instruction, params, timestamp=timestamp, window=window
+            )
+            if signature is None:
+                signature = await run_in_threadpool(
+                    lambda: self.broker.sign(
+                        token, ref, instruction, params, timestamp=timestamp, window=window
+                    )
+                )
+            return JSONResponse({"headers": dict(signature.headers)})
+
+        return await self._answer("sign", request, work)
+
+    async def _refill(self, ref: KeyRef) -> None:
+        try:
+            await run_in_threadpool(self.broker.refill, ref)
+        except ServiceError as exc:  # the next copy wraps inline instead; nothing is lost
+            log.debug("api.refill_failed", key=str(ref), error=exc.code)
+
+    async def info(self, request: Request) -> Response:
+        async def work(token: Secret | None, _facts: dict[str, Any]) -> Response:
+            ref = _ref(request)
+            info: KeyInfo = await run_in_threadpool(self.broker.info, token, ref)
+            return JSONResponse(info.as_response())
+
+        return await self._answer("info", request, work)
+
+    async def report(self, request: Request) -> Response:
+        async def work(token: Secret | None, facts: dict[str, Any]) -> Response:
+            ref = _ref(request)
+            body = await _json_object(request)
+            raw = body.get("reason", "")
+            if not isinstance(raw, str):
+                raise InvalidInput('"reason" must be a string')
+            reason = _UNPRINTABLE.sub("?", raw)[:MAX_REASON_CHARS]
+            facts["reason"] = reason
+            await run_in_threadpool(self.broker.authorize_any, token, ref)
+            self.limiter.take(ref)
+            await run_in_threadpool(self.report_callback, ref, reason)
+            return JSONResponse({"accepted": True, "key": str(ref)}, status_code=202)
+
+        return await self._answer("report", request, work)
+
+    async def healthz(self, _request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, _request: Request) -> Response:
+        state = self.readiness()
+        ready, reason = state if isinstance(state, tuple) else (state, "")
+        if ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse(
+            {"ready": False, "reason": reason or "not ready"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    async def metrics_text(self, _request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:  # noqa: PLR2004
+        return error_response(_NotFound("no such route; see DESIGN.md for the worker API"))
+    if status == 405:  # noqa: PLR2004
+        return error_response(_MethodNotAllowed("this route does not accept that method"))
+    return _internal_error()
+
+
+def create_app(
+    broker: Broker,
+    *,
+    readiness: Readiness,
+    metrics: Metrics,
+    report: ReportCallback | None = None,
+    report_interval_s: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> Starlette:
+    """The worker API. ``report`` runs (in the thread pool) when a worker reports a rejection."""
+    api = _Api(
+        broker, metrics, readiness, report or _no_report, _RateLimiter(report_interval_s, clock)
+    )
+    metrics.track_outstanding(lambda: broker.outstanding)
+    keys = "/v1/keys/{sub}/{name}"
+    app = Starlette(
+        routes=[
+            Route(f"{keys}/copy", api.copy, methods=["POST"]),
+            Route(f"{keys}/sign", api.sign, methods=["POST"]),
+            Route(f"{keys}/report", api.report, methods=["POST"]),
+            Route(keys, api.info, methods=["GET"]),
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/metrics", api.metrics_text, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.api = api
+    return app

@@ -1,0 +1,170 @@
+"""Prometheus metrics on a registry passed in (never the global one).
+
+Labels carry key names, instructions, outcomes and verdicts only: never a
+token, a secret, a signature or a caller's identity. Label values that come
+from requests are bounded by the caller (``api.py`` labels a key only once the
+broker has found it), so a client cannot grow the series without limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from backpack_vault.keys import Status
+
+__all__ = ["NO_KEY", "Metrics"]
+
+NO_KEY: Final = "-"
+_LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric the daemon exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.handouts = Counter(
+            "backpack_vault_handouts",
+            "Wrapped copies requested, by key and outcome (ok or an error code).",
+            ["key", "outcome"],
+            registry=registry,
+        )
+        self.signatures = Counter(
+            "backpack_vault_signatures",
+            "Signatures requested, by key, instruction and outcome (ok or an error code).",
+            ["key", "instruction", "outcome"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "backpack_vault_api_requests",
+            "Worker API requests, by route and HTTP status.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "backpack_vault_api_request_seconds",
+            "Time to answer a worker API request, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.reports = Counter(
+            "backpack_vault_reports",
+            "Rejections reported by workers, by key and outcome.",
+            ["key", "outcome"],
+            registry=registry,
+        )
+        self.outstanding = Gauge(
+            "backpack_vault_wrapping_tokens_outstanding",
+            "Wrapping tokens handed out whose TTL has not yet run out (claimed or not).",
+            registry=registry,
+        )
+        self.vault_reachable = Gauge(
+            "backpack_vault_vault_reachable",
+            "1 when the last Vault health check succeeded.",
+            registry=registry,
+        )
+        self.vault_authenticated = Gauge(
+            "backpack_vault_vault_authenticated",
+            "1 when the daemon holds a Vault token that Vault accepts.",
+            registry=registry,
+        )
+        self.token_ttl = Gauge(
+            "backpack_vault_vault_token_ttl_seconds",
+            "Seconds until the daemon's Vault token expires (-1: never).",
+            registry=registry,
+        )
+        self.renewals = Counter(
+            "backpack_vault_vault_token_renewals",
+            "Attempts to keep the daemon's Vault token alive, by kind and outcome.",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.checks = Counter(
+            "backpack_vault_checks",
+            "Liveness check verdicts, by key, verdict and reason.",
+            ["key", "verdict", "reason"],
+            registry=registry,
+        )
+        self.key_status = Gauge(
+            "backpack_vault_key_status",
+            "1 for each key's current status, 0 for its other statuses.",
+            ["key", "status"],
+            registry=registry,
+        )
+        self.revocations = Counter(
+            "backpack_vault_copies_revoked",
+            "Unclaimed copies revoked because their key was revoked or retired.",
+            registry=registry,
+        )
+        self.vault_authenticated.set(0)
+        self.vault_reachable.set(0)
+
+    # -- the worker API -------------------------------------------------------------------
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.latency.labels(route=route).observe(seconds)
+
+    def observe_copy(self, key: str, outcome: str) -> None:
+        self.handouts.labels(key=key, outcome=outcome).inc()
+
+    def observe_signature(self, key: str, instruction: str, outcome: str) -> None:
+        self.signatures.labels(key=key, instruction=instruction, outcome=outcome).inc()
+
+    def observe_report(self, key: str, outcome: str) -> None:
+        self.reports.labels(key=key, outcome=outcome).inc()
+
+    def track_outstanding(self, count: Callable[[], float]) -> None:
+        """Read the outstanding wrapping tokens from ``count`` at every scrape."""
+        self.outstanding.set_function(count)
+
+    # -- the daemon's own Vault session ---------------------------------------------------
+
+    def set_vault_state(
+        self, *, reachable: bool, authenticated: bool, token_ttl_s: float | None
+    ) -> None:
+        self.vault_reachable.set(1 if reachable else 0)
+        self.vault_authenticated.set(1 if authenticated else 0)
+        self.token_ttl.set(-1 if token_ttl_s is None else max(token_ttl_s, 0))
+
+    def observe_renewal(self, kind: str, outcome: str) -> None:
+        self.renewals.labels(kind=kind, outcome=outcome).inc()
+
+    # -- liveness checks (recorded by the daemon from checks.py's results) ----------------
+
+    def record_check(self, key: str, verdict: str, reason: str = "") -> None:
+        self.checks.labels(key=key, verdict=verdict, reason=reason or "none").inc()
+
+    def set_key_status(self, key: str, status: Status | str) -> None:
+        current = Status(status)
+        for each in Status:
+            self.key_status.labels(key=key, status=each.value).set(1 if each is current else 0)
+
+    def forget_key(self, key: str) -> None:
+        """Drop a deleted key's status series."""
+        for each in Status:
+            try:
+                self.key_status.remove(key, each.value)
+            except KeyError:
+                continue
+
+    def observe_revocations(self, count: int) -> None:
+        if count:
+            self.revocations.inc(count)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,488 @@
+"""The worker API over real loopback HTTP: routes, the error table, metrics, and no leaks.
+
+The app is served by uvicorn in a thread (``ServerThread``) in front of a broker
+talking to the session's real OpenBao dev server.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import nacl.signing
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from backpack_vault.api import create_app
+from backpack_vault.broker import Broker
+from backpack_vault.config import BrokerSettings, Secret, VaultSettings
+from backpack_vault.devvault import DevVault
+from backpack_vault.errors import ServiceError
+from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.metrics import Metrics
+from backpack_vault.serving import ServerThread
+from backpack_vault.signing import signing_string, verify
+from backpack_vault.vault import Provisioner, Vault
+
+NOW = "2025-01-01T00:00:00+00:00"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def store(
+    vault: Vault,
+    ref: KeyRef,
+    *,
+    read_only: bool = False,
+    status: Status = Status.ACTIVE,
+    pair: KeyPair | None = None,
+) -> KeyPair:
+    pair = pair or generate_pair()
+    record = KeyRecord(
+        ref=ref,
+        api_key=pair.api_key,
+        read_only=read_only,
+        status=status,
+        origin=Origin.BACKPACK_UI,
+        created_at=NOW,
+        status_since=NOW,
+    )
+    vault.create_key(record, pair.secret)
+    return pair
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(0.05)
+
+
+@dataclass
+class Served:
+    url: str
+    vault_addr: str
+    root: Secret
+    broker: Broker
+    clock: FakeClock
+    vault: Vault
+    reports: list[tuple[str, str]] = field(default_factory=list)
+    ready: list[bool | tuple[bool, str]] = field(default_factory=lambda: [True])
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: Secret | None = None,
+        bearer: bool = False,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        headers: dict[str, str] = {}
+        if token is not None:
+            headers = (
+                {"Authorization": f"Bearer {token.reveal()}"}
+                if bearer
+                else {"X-Vault-Token": token.reveal()}
+            )
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=10, **kwargs)
+
+    def unwrap(self, wrap_token: str) -> httpx.Response:
+        return httpx.post(
+            f"{self.vault_addr}/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrap_token}
+        )
+
+
+@pytest.fixture
+def served(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> Iterator[Served]:
+    clock = FakeClock()
+    broker = Broker(vault, BrokerSettings(), grant_prefix=vault_settings.grant_prefix, clock=clock)
+    state = Served("", dev_vault.addr, dev_vault.root_token, broker, clock, vault)
+
+    def readiness() -> bool | tuple[bool, str]:
+        return state.ready[-1]
+
+    app = create_app(
+        broker,
+        readiness=readiness,
+        metrics=Metrics(CollectorRegistry()),
+        report=lambda ref, reason: state.reports.append((str(ref), reason)),
+        report_interval_s=60,
+    )
+    with ServerThread(app) as server:
+        state.url = server.url
+        yield state
+
+
+@pytest.fixture
+def key(vault: Vault) -> KeyPair:
+    return store(vault, KeyRef("main", "bot-a"))
+
+
+def worker_token(vault: Vault, grants: str, hcl: str) -> Secret:
+    """A token whose only non-default policy is ``hcl`` with GRANTS replaced by the prefix."""
+    name = f"{vault.settings.kv_prefix}-{abs(hash(hcl)) % 10**8}"
+    provisioner = Provisioner(vault)
+    provisioner.ensure_policy(name, hcl.replace("GRANTS", grants))
+    return provisioner.create_token([name])
+
+
+class TestCopyRoute:
+    @pytest.mark.parametrize("bearer", [False, True], ids=["x-vault-token", "bearer"])
+    def test_copy_answers_the_documented_fields(
+        self, served: Served, key: KeyPair, bearer: bool
+    ) -> None:
+        """POST .../copy returns wrap_token, wrap_ttl, expires_at, api_key, version."""
+        answer = served.call("POST", "/v1/keys/main/bot-a/copy", token=served.root, bearer=bearer)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert set(body) == {"wrap_token", "wrap_ttl", "expires_at", "api_key", "version"}
+        assert body["api_key"] == key.api_key
+        assert body["wrap_ttl"] == 60
+        assert body["expires_at"].endswith("Z")
+
+    def test_the_copy_unwraps_once_at_vault(self, served: Served, key: KeyPair) -> None:
+        """The wrapping token yields the secret at Vault once; a second unwrap fails."""
+        body = served.call("POST", "/v1/keys/main/bot-a/copy", token=served.root).json()
+        first = served.unwrap(body["wrap_token"])
+        assert first.json()["data"]["api_secret"] == key.secret.reveal()
+        assert served.unwrap(body["wrap_token"]).status_code == 400
+
+
+class TestSignRoute:
+    def test_sign_returns_headers_that_verify(self, served: Served, key: KeyPair) -> None:
+        """POST .../sign returns the four headers for the exact request."""
+        params = {"symbol": "SOL_USDC", "orderId": "28"}
+        answer = served.call(
+            "POST",
+            "/v1/keys/main/bot-a/sign",
+            token=served.root,
+            json={"instruction": "orderCancel", "params": params, "timestamp": 1614550000000},
+        )
+        assert answer.status_code == 200
+        headers = answer.json()["headers"]
+        assert set(headers) == {"X-API-Key", "X-Signature", "X-Timestamp", "X-Window"}
+        message = signing_string("orderCancel", params, 1614550000000, 5000)
+        assert verify(key.api_key, message, headers["X-Signature"])
+
+    def test_a_batch_is_signed_from_a_list_of_orders(self, served: Served, key: KeyPair) -> None:
+        """params may be a list of objects for batch orders."""
+        orders = [{"symbol": "SOL_USDC", "side": "Bid"}, {"symbol": "SOL_USDC", "side": "Ask"}]
+        answer = served.call(
+            "POST",
+            "/v1/keys/main/bot-a/sign",
+            token=served.root,
+            json={"instruction": "orderExecute", "params": orders, "timestamp": 5},
+        )
+        message = signing_string("orderExecute", orders, 5, 5000)
+        assert verify(key.api_key, message, answer.json()["headers"]["X-Signature"])
+
+
+class TestInfoRoute:
+    def test_info_shows_status_and_grants_never_the_secret(
+        self, served: Served, key: KeyPair, vault: Vault
+    ) -> None:
+        """GET .../{name} answers metadata and the caller's grants; a sign grant is enough."""
+        token = worker_token(
+            vault,
+            vault.settings.grant_prefix,
+            'path "GRANTS/main/bot-a/sign/balanceQuery" { capabilities = ["update"] }',
+        )
+        answer = served.call("GET", "/v1/keys/main/bot-a", token=token)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["status"] == "active"
+        assert body["api_key"] == key.api_key
+        assert body["grants"] == {"copy": False, "sign": ["balanceQuery"]}
+        assert key.secret.reveal() not in answer.text
+
+    @pytest.mark.usefixtures("key")
+    def test_info_needs_a_copy_or_sign_grant(self, served: Served) -> None:
+        """A token with neither grant gets 403."""
+        token = Provisioner(served.vault).create_token(["default"])
+        assert served.call("GET", "/v1/keys/main/bot-a", token=token).status_code == 403
+
+
+class TestReportRoute:
+    @pytest.mark.usefixtures("key")
+    def test_a_report_reaches_the_callback(self, served: Served) -> None:
+        """POST .../report calls the daemon's report callback with the key and reason."""
+        answer = served.call(
+            "POST",
+            "/v1/keys/main/bot-a/report",
+            token=served.root,
+            json={"reason": "Backpack answered 401 UNAUTHORIZED"},
+        )
+        assert answer.status_code == 202
+        assert served.reports == [("main/bot-a", "Backpack answered 401 UNAUTHORIZED")]
+
+    def test_reports_are_rate_limited_per_key(self, served: Served, vault: Vault) -> None:
+        """A second report within the interval is 429 with Retry-After; other keys are not held."""
+        store(vault, KeyRef("main", "bot-a"))
+        store(vault, KeyRef("main", "bot-b"))
+        path = "/v1/keys/main/{}/report"
+        assert served.call("POST", path.format("bot-a"), token=served.root).status_code == 202
+        again = served.call("POST", path.format("bot-a"), token=served.root)
+        assert again.status_code == 429
+        assert int(again.headers["Retry-After"]) >= 1
+        assert served.call("POST", path.format("bot-b"), token=served.root).status_code == 202
+        assert [r[0] for r in served.reports] == ["main/bot-a", "main/bot-b"]
+
+    @pytest.mark.usefixtures("key")
+    def test_a_caller_without_a_grant_cannot_report(self, served: Served) -> None:
+        """Reports need a grant on the key, so strangers cannot trigger checks."""
+        token = Provisioner(served.vault).create_token(["default"])
+        answer = served.call("POST", "/v1/keys/main/bot-a/report", token=token)
+        assert answer.status_code == 403
+        assert served.reports == []
+
+
+# Each row: id, method, path, token, body, status, code.
+ERRORS = [
+    ("no-token", "POST", "/v1/keys/main/bot-a/copy", None, None, 401, "not_authenticated"),
+    ("unknown-token", "POST", "/v1/keys/main/bot-a/copy", "bogus", None, 401, "not_authenticated"),
+    ("no-grant", "POST", "/v1/keys/main/bot-a/copy", "default", None, 403, "forbidden"),
+    ("unknown-key", "POST", "/v1/keys/main/nope/copy", "root", None, 404, "unknown_key"),
+    ("retired", "POST", "/v1/keys/main/old/copy", "root", None, 409, "key_not_usable"),
+    ("read-only", "POST", "/v1/keys/main/ro/sign", "root",
+     {"instruction": "orderExecute", "params": {}}, 403, "read_only_key"),
+    ("bad-key-name", "POST", "/v1/keys/Main/bot-a/copy", "root", None, 422, "invalid_input"),
+    ("not-json", "POST", "/v1/keys/main/bot-a/sign", "root", b"{", 422, "invalid_input"),
+    ("too-large", "POST", "/v1/keys/main/bot-a/sign", "root", b" " * 300_000, 422, "invalid_input"),
+    ("not-object", "POST", "/v1/keys/main/bot-a/sign", "root", [1], 422, "invalid_input"),
+    ("no-instruction", "POST", "/v1/keys/main/bot-a/sign", "root", {}, 422, "invalid_input"),
+    ("unknown-instruction", "POST", "/v1/keys/main/bot-a/sign", "root",
+     {"instruction": "fooBar"}, 422, "invalid_input"),
+    ("params-not-object", "POST", "/v1/keys/main/bot-a/sign", "root",
+     {"instruction": "orderExecute", "params": "x"}, 422, "invalid_input"),
+    ("float-param", "POST", "/v1/keys/main/bot-a/sign", "root",
+     {"instruction": "orderExecute", "params": {"price": 1.5}}, 422, "invalid_input"),
+    ("bool-timestamp", "POST", "/v1/keys/main/bot-a/sign", "root",
+     {"instruction": "orderExecute", "timestamp": True}, 422, "invalid_input"),
+    ("window-too-long", "POST", "/v1/keys/main/bot-a/sign", "root",
+     {"instruction": "orderExecute", "window": 60001}, 422, "invalid_input"),
+    ("unknown-route", "GET", "/v1/nothing", None, None, 404, "not_found"),
+    ("wrong-method", "GET", "/v1/keys/main/bot-a/copy", None, None, 405, "method_not_allowed"),
+]  # fmt: skip
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("method", "path", "token", "body", "status", "code"),
+        [e[1:] for e in ERRORS],
+        ids=[e[0] for e in ERRORS],
+    )
+    @pytest.mark.usefixtures("key")
+    def test_errors_follow_the_table(
+        self,
+        served: Served,
+        vault: Vault,
+        method: str,
+        path: str,
+        token: str | None,
+        body: Any,
+        status: int,
+        code: str,
+    ) -> None:
+        """Each failure has its status and a JSON body {"error": {"code", "message"}}."""
+        store(vault, KeyRef("main", "old"), status=Status.RETIRED)
+        store(vault, KeyRef("main", "ro"), read_only=True)
+        tokens = {
+            "root": served.root,
+            "bogus": Secret("s.bogus-token"),
+            "default": Provisioner(vault).create_token(["default"]),
+        }
+        kwargs: dict[str, Any] = {}
+        if isinstance(body, bytes):
+            kwargs["content"] = body
+        elif body is not None:
+            kwargs["json"] = body
+        answer = served.call(method, path, token=tokens.get(token or ""), **kwargs)
+        assert answer.status_code == status
+        error = answer.json()["error"]
+        assert error["code"] == code
+        assert error["message"]
+        assert set(error) <= {"code", "message", "status"}
+
+    def test_a_not_usable_key_names_its_status(self, served: Served, vault: Vault) -> None:
+        """409 bodies carry the key's status, and the message says which it is."""
+        store(vault, KeyRef("main", "gone"), status=Status.REVOKED)
+        error = served.call("POST", "/v1/keys/main/gone/copy", token=served.root).json()["error"]
+        assert error["status"] == "revoked"
+        assert "revoked" in error["message"]
+
+    @pytest.mark.parametrize("how", ["expired", "revoked"], ids=str)
+    @pytest.mark.usefixtures("key")
+    def test_an_expired_or_revoked_worker_token_gets_401(
+        self, served: Served, vault: Vault, how: str
+    ) -> None:
+        """Once Vault no longer knows the token and its cached decision ran out, 401."""
+        token = Provisioner(vault).create_token(["root"], ttl="2s" if how == "expired" else "1h")
+        path = "/v1/keys/main/bot-a/copy"
+        assert served.call("POST", path, token=token).status_code == 200
+        lookup = f"{served.vault_addr}/v1/auth/token/lookup-self"
+        if how == "revoked":
+            httpx.post(
+                f"{served.vault_addr}/v1/auth/token/revoke-self",
+                headers={"X-Vault-Token": token.reveal()},
+            ).raise_for_status()
+        wait_until(
+            lambda: httpx.get(lookup, headers={"X-Vault-Token": token.reveal()}).status_code == 403
+        )
+        served.clock.advance(BrokerSettings().decision_cache_s + 0.01)
+        answer = served.call("POST", path, token=token)
+        assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == "not_authenticated"
+
+
+class TestProbes:
+    def test_healthz_is_always_ok(self, served: Served) -> None:
+        """/healthz answers 200 while the process runs."""
+        assert served.call("GET", "/healthz").json() == {"status": "ok"}
+
+    @pytest.mark.parametrize(
+        ("state", "status"),
+        [(True, 200), ((True, ""), 200), (False, 503), ((False, "Vault is sealed"), 503)],
+        ids=["bool-ready", "tuple-ready", "bool-not-ready", "tuple-not-ready"],
+    )
+    def test_readyz_follows_readiness(
+        self, served: Served, state: bool | tuple[bool, str], status: int
+    ) -> None:
+        """/readyz is 200 when ready and 503 with a reason otherwise."""
+        served.ready.append(state)
+        answer = served.call("GET", "/readyz")
+        assert answer.status_code == status
+        if status == 503:
+            assert answer.json()["reason"]
+
+    @pytest.mark.usefixtures("key")
+    def test_metrics_count_handouts_by_key_and_outcome(self, served: Served) -> None:
+        """/metrics exposes handouts, signatures, latency and outstanding wrapping tokens."""
+        served.call("POST", "/v1/keys/main/bot-a/copy", token=served.root)
+        served.call(
+            "POST",
+            "/v1/keys/main/bot-a/sign",
+            token=served.root,
+            json={"instruction": "balanceQuery"},
+        )
+        served.call("POST", "/v1/keys/main/made-up/copy", token=served.root)
+        text = served.call("GET", "/metrics").text
+        assert 'backpack_vault_handouts_total{key="main/bot-a",outcome="ok"} 1.0' in text
+        assert 'backpack_vault_handouts_total{key="-",outcome="unknown_key"} 1.0' in text
+        assert (
+            'backpack_vault_signatures_total{instruction="balanceQuery",key="main/bot-a",'
+            'outcome="ok"} 1.0'
+        ) in text
+        assert "backpack_vault_wrapping_tokens_outstanding 1.0" in text
+        assert 'backpack_vault_api_request_seconds_count{route="copy"} 2.0' in text
+        assert "made-up" not in text
+
+
+# -- secrets never leak -------------------------------------------------------------------------
+
+CANARY_SEED = b"CANARY-SECRET-do-not-leak-000000"
+
+
+def canary_pair() -> KeyPair:
+    signing_key = nacl.signing.SigningKey(CANARY_SEED)
+    return KeyPair(
+        api_key=base64.b64encode(bytes(signing_key.verify_key)).decode(),
+        secret=Secret(base64.b64encode(CANARY_SEED).decode()),
+    )
+
+
+class TestNoSecretLeaks:
+    def test_the_canary_appears_only_in_the_unwrapped_copy(
+        self,
+        served: Served,
+        vault: Vault,
+        capfd: pytest.CaptureFixture[str],
+    ) -> None:
+        """Copy, sign, errors, metrics and logs never show the secret, a wrap or worker token."""
+        pair = canary_pair()
+        store(vault, KeyRef("main", "canary"), pair=pair)
+        store(vault, KeyRef("main", "canary-ro"), pair=canary_pair(), read_only=True)
+        worker = Provisioner(vault).create_token(["root"])
+        base = "/v1/keys/main/canary"
+        bodies: list[str] = []
+        wrap_tokens: list[str] = []
+        with structlog.testing.capture_logs() as logs:
+            for token in (served.root, worker):
+                copy = served.call("POST", f"{base}/copy", token=token)
+                wrap_tokens.append(copy.json()["wrap_token"])
+                unwrapped = served.unwrap(wrap_tokens[-1])
+                assert unwrapped.json()["data"]["api_secret"] == pair.secret.reveal()
+            requests: list[tuple[str, str, Secret | None, Any]] = [
+                ("POST", f"{base}/sign", worker, {"instruction": "orderExecute", "params": {}}),
+                ("POST", f"{base}/sign", worker, {"instruction": "orderExecute", "params": [1]}),
+                ("POST", f"{base}/sign", worker, {"instruction": "x", "params": {"a": 1.5}}),
+                ("POST", f"{base}/sign", worker, {"instruction": "accountQuery", "window": 0}),
+                ("POST", f"{base}-ro/sign", worker, {"instruction": "orderExecute"}),
+                ("POST", f"{base}/copy", Secret("s.bogus"), None),
+                ("POST", f"{base}/copy", None, None),
+                ("GET", base, worker, None),
+                ("POST", f"{base}/report", worker, {"reason": "Invalid signature"}),
+                ("POST", f"{base}/report", worker, {"reason": "again"}),
+                ("POST", "/v1/keys/main/nope/copy", worker, None),
+                ("GET", "/readyz", None, None),
+                ("GET", "/metrics", None, None),
+            ]
+            for method, path, caller, body in requests:
+                bodies.append(served.call(method, path, token=caller, json=body).text)
+            vault.set_status(KeyRef("main", "canary"), Status.RETIRED, now=NOW)
+            served.broker.on_status_change(KeyRef("main", "canary"), Status.RETIRED)
+            bodies.append(served.call("POST", f"{base}/copy", token=worker).text)
+            exceptions: list[str] = []
+            for call in (
+                lambda: served.broker.copy(worker, KeyRef("main", "canary")),
+                lambda: served.broker.sign(worker, KeyRef("main", "canary-ro"), "withdraw", {}),
+                lambda: served.broker.sign(worker, KeyRef("main", "canary-ro"), "x", {}),
+            ):
+                with pytest.raises(ServiceError) as caught:
+                    call()
+                exceptions.append(f"{caught.value!s} {caught.value!r} {caught.value.args!r}")
+        out, err = capfd.readouterr()
+        handouts = [e for e in logs if e["event"] == "api.handout"]
+        handout_requests = 2 + sum(p.endswith(("/copy", "/sign")) for _, p, _, _ in requests) + 1
+        assert len(handouts) == handout_requests  # one event per copy or signature request
+        assert {e["identity"] for e in handouts if e["outcome"] == "ok"} == {
+            vault.lookup_caller(served.root).identity,
+            vault.lookup_caller(worker).identity,
+        }
+        haystacks = {
+            "logs": repr(logs),
+            "bodies": "\n".join(bodies),
+            "exceptions": "\n".join(exceptions),
+            "stdout": out,
+            "stderr": err,
+        }
+        needles = {
+            "secret": pair.secret.reveal(),
+            "seed": CANARY_SEED.decode(),
+            "seed-hex": CANARY_SEED.hex(),
+            "worker-token": worker.reveal(),
+            "root-token": served.root.reveal(),
+            **{f"wrap-token-{i}": t for i, t in enumerate(wrap_tokens)},
+        }
+        leaks = [
+            f"{needle} in {where}"
+            for where, text in haystacks.items()
+            for needle, value in needles.items()
+            if value in text
+        ]
+        assert leaks == []
