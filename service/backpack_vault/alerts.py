@@ -66,6 +66,9 @@ class Webhook:
     def __repr__(self) -> str:
         return f"Webhook(host={self.host!r})"
 
+    def close(self) -> None:
+        self._http.close()
+
     def send(self, payload: Mapping[str, Any]) -> bool:
         """Deliver one alert; log (never raise) when it cannot be delivered."""
         event = str(payload.get("event", "alert"))

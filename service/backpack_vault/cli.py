@@ -24,7 +24,7 @@ import click
 
 from backpack_vault import __version__
 from backpack_vault.config import Secret, Settings, load_from_os
-from backpack_vault.errors import ConfigError, InvalidInput, ServiceError
+from backpack_vault.errors import ConfigError, InvalidInput, KeyNotUsable, ServiceError
 from backpack_vault.keys import (
     KeyRecord,
     KeyRef,
@@ -274,6 +274,47 @@ def keys_delete(ctx: Context, key: KeyRef, yes: bool) -> None:
     click.echo(f"deleted {key}")
 
 
+_VERDICT_EXIT = {"VALID": 0, "UNKNOWN": 11, "REJECTED": 12, "MISCONFIGURED": 3}
+
+
+@keys.command("check")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option(
+    "--backpack-url", help="Backpack REST base URL (default: $BACKPACK_VAULT_BACKPACK_URL)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON output.")
+@pass_ctx
+@handle_errors
+def keys_check(ctx: Context, key: KeyRef, backpack_url: str | None, as_json: bool) -> None:
+    """Run one signed liveness check now and print the verdict.
+
+    Exit 0 VALID, 11 UNKNOWN (Backpack unreachable, maintenance, rate limited, clock),
+    12 REJECTED (confirmed by a second probe: the key is now revoked), 3 MISCONFIGURED.
+    """
+    import httpx  # noqa: PLC0415 - fast start for the other commands
+
+    from backpack_vault.checks import Checker  # noqa: PLC0415
+    from backpack_vault.exchange import Exchange  # noqa: PLC0415
+
+    settings = ctx.settings(backpack_url=backpack_url)
+    with httpx.Client(timeout=httpx.Timeout(settings.checks.timeout)) as http:
+        exchange = Exchange(http, settings.checks.backpack_url)
+        result = Checker(ctx.vault(), exchange).check(key)
+    if result.probes == 0 and result.old_status in ("revoked", "retired", "incomplete"):
+        raise KeyNotUsable(str(key), str(result.old_status))
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        status = result.new_status or result.old_status or "-"
+        change = f" (now {result.new_status})" if result.new_status else ""
+        click.echo(f"{key}: {result.label}, status {status}{change}")
+        if result.message:
+            click.echo(f"  Backpack said: {result.message}", err=True)
+    code = _VERDICT_EXIT.get(result.verdict.value, 1)
+    if code:
+        sys.exit(code)
+
+
 # -- vault and policies -------------------------------------------------------------------
 
 
@@ -389,6 +430,24 @@ def policy_worker(
 
 
 # -- servers ------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option(
+    "--listen", metavar="HOST:PORT", help="Default: $BACKPACK_VAULT_LISTEN or 127.0.0.1:8280."
+)
+@click.option("--backpack-url", help="Backpack REST base URL.")
+@click.option("--check-interval", type=float, help="Seconds between checks of one key.")
+@pass_ctx
+@handle_errors
+def serve_command(
+    ctx: Context, listen: str | None, backpack_url: str | None, check_interval: float | None
+) -> None:
+    """The daemon: worker API, liveness checks, token renewal. SIGTERM drains and exits 0."""
+    from backpack_vault.daemon import Daemon  # noqa: PLC0415 - fast start
+
+    settings = ctx.settings(listen=listen, backpack_url=backpack_url, check_interval=check_interval)
+    sys.exit(Daemon(settings).run())
 
 
 @cli.command("sandbox")

@@ -5,18 +5,22 @@
     run()
       capture SIGTERM/SIGINT (the handler only sets a flag)
       vault.login()                 fail fast: a clear error, exit code from errors.py
-      scheduler.start()             token renewal, readiness refresh, ledger sweep (+ check jobs)
+      scheduler.start()             token renewal, readiness refresh, ledger sweep, leader lease,
+                                    key sync and one liveness-check job per key (leader only)
       serve the worker API          until the flag is set; in-flight requests finish
       scheduler.shutdown()          reverse order, via the ExitStack
     return 0
 
 Jobs are plain callables: *what* runs lives in broker.py and checks.py, *when*
-lives here. ``add_job`` and ``run_soon`` are the seams for check jobs.
+lives here. Liveness checks run on one replica at a time, the holder of the
+leader lease; every replica serves workers and revokes its own unclaimed copies
+of keys that become revoked or retired (``broker.sweep``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import threading
 import time
@@ -26,17 +30,23 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType, TracebackType
 from typing import Any, Final, Self
 
+import httpx
+from apscheduler.executors.pool import ThreadPoolExecutor  # type: ignore[import-untyped]
+from apscheduler.jobstores.base import JobLookupError  # type: ignore[import-untyped]
 from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
     BackgroundScheduler,
 )
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
+from backpack_vault.alerts import Webhook
 from backpack_vault.api import ReportCallback, create_app
 from backpack_vault.broker import Broker
+from backpack_vault.checks import Checker, CheckResult, Lease, RequestBudget
 from backpack_vault.config import Settings
-from backpack_vault.errors import ConfigError, ServiceError, VaultUnavailable
-from backpack_vault.keys import KeyRef, Status
+from backpack_vault.errors import ConfigError, ServiceError, UnknownKey, VaultUnavailable
+from backpack_vault.exchange import Exchange
+from backpack_vault.keys import KeyRecord, KeyRef, Status
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import Metrics
 from backpack_vault.serving import make_server
@@ -79,6 +89,9 @@ class Daemon:
         report_interval_s: float = 10.0,
         graceful_s: int = 10,
         clock: Callable[[], float] = time.time,
+        exchange_http: httpx.Client | None = None,
+        key_sync_interval_s: float | None = None,
+        confirm_delay_s: float = 1.0,
     ) -> None:
         self.settings = settings
         self.vault = vault or Vault.for_service(settings.vault, clock=clock)
@@ -93,7 +106,6 @@ class Daemon:
             on_status=lambda ref, status: self.metrics.set_key_status(str(ref), status),
             on_revoked=lambda _ref, count: self.metrics.observe_revocations(count),
         )
-        self._report: ReportCallback = report or self._report_received
         self.app = create_app(
             self.broker,
             readiness=self.readiness,
@@ -105,14 +117,40 @@ class Daemon:
             timezone="UTC",
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
             executors={
-                "default": {"type": "threadpool", "max_workers": settings.checks.concurrency + 3}
+                "default": ThreadPoolExecutor(4),
+                # Checks have their own bounded pool so they never starve token renewal.
+                "checks": ThreadPoolExecutor(settings.checks.concurrency),
             },
         )
+        checks = settings.checks
         self._intervals = {
             "vault.renew": renew_interval_s,
             "vault.health": health_interval_s,
             "broker.sweep": sweep_interval_s,
+            "checks.lease": max(checks.lease_ttl / 3, 0.5),
+            "checks.sync": key_sync_interval_s or min(checks.interval, 30.0),
         }
+        self._exchange_http = exchange_http or httpx.Client(
+            timeout=httpx.Timeout(checks.timeout), headers={"User-Agent": "backpack-vault"}
+        )
+        self.exchange = Exchange(self._exchange_http, checks.backpack_url, clock=clock)
+        self.webhook = (
+            Webhook(httpx.Client(timeout=httpx.Timeout(5.0)), checks.webhook_url)
+            if checks.webhook_url
+            else None
+        )
+        self.checker = Checker(
+            self.vault,
+            self.exchange,
+            clock=clock,
+            budget=RequestBudget(checks.subaccount_budget_per_minute),
+            on_change=self._on_key_change,
+            confirm_delay_s=confirm_delay_s,
+        )
+        self.lease = Lease(self.vault, ttl_s=checks.lease_ttl, clock=clock)
+        self.leader = False
+        self._checked: dict[KeyRef, str] = {}  # ref -> scheduler job id, while leader
+        self._report: ReportCallback = report or self._check_reported
         self._graceful_s = graceful_s
         self.exit_requested = False
         self._signals = 0
@@ -132,6 +170,7 @@ class Daemon:
         jitter: float | None = None,
         first_run_in: float | None = None,
         args: tuple[Any, ...] = (),
+        executor: str = "default",
     ) -> Any:
         """Run ``func(*args)`` every ``seconds`` (plus up to ``jitter`` s); never overlapping."""
         extra: dict[str, Any] = {}
@@ -144,13 +183,21 @@ class Daemon:
             id=job_id,
             name=job_id,
             replace_existing=True,
+            executor=executor,
             **extra,
         )
 
-    def run_soon(self, func: Callable[..., Any], *, job_id: str, args: tuple[Any, ...] = ()) -> Any:
+    def run_soon(
+        self,
+        func: Callable[..., Any],
+        *,
+        job_id: str,
+        args: tuple[Any, ...] = (),
+        executor: str = "default",
+    ) -> Any:
         """Run ``func(*args)`` once, as soon as a worker thread is free (e.g. a reported key)."""
         return self.scheduler.add_job(
-            func, args=args, id=job_id, name=job_id, replace_existing=True
+            func, args=args, id=job_id, name=job_id, replace_existing=True, executor=executor
         )
 
     def set_report(self, report: ReportCallback) -> None:
@@ -161,7 +208,7 @@ class Daemon:
         """The revocation cascade: drop caches, revoke unclaimed copies, update the gauge."""
         status = Status(new_status)
         revoked = self.broker.on_status_change(ref, status)  # also updates the metrics
-        log.info("key.status_changed", key=str(ref), new=status.value, copies_revoked=revoked)
+        log.info("key.cascade", key=str(ref), status=status.value, copies_revoked=revoked)
         return revoked
 
     def record_verdict(self, ref: KeyRef, verdict: str, reason: str = "") -> None:
@@ -170,9 +217,90 @@ class Daemon:
     def _on_report(self, ref: KeyRef, reason: str) -> None:
         self._report(ref, reason)
 
-    @staticmethod
-    def _report_received(ref: KeyRef, reason: str) -> None:
+    # -- liveness checks ----------------------------------------------------------------------
+
+    def _on_key_change(self, old: KeyRecord, new: KeyRecord, result: CheckResult) -> None:
+        """A check changed a key's status in Vault: cascade here, then alert."""
+        self.key_status_changed(new.ref, new.status)
+        if self.webhook is not None:
+            self.webhook.key_status_changed(old, new, result)
+
+    def _check_reported(self, ref: KeyRef, reason: str) -> None:
+        """A worker says Backpack rejected the key: check it now, on this replica."""
         log.info("check.report_received", key=str(ref), reason=reason)
+        self.run_soon(
+            self.run_check, job_id=f"report:{ref}", args=(ref, "report"), executor="checks"
+        )
+
+    def run_check(self, ref: KeyRef, trigger: str = "schedule") -> CheckResult | None:
+        """Job: one liveness check of one key; never raises into the scheduler."""
+        try:
+            result = self.checker.check(ref)
+        except UnknownKey:
+            log.info("check.key_gone", key=str(ref))
+            self._unschedule(ref)
+            return None
+        except ServiceError as exc:
+            log.warning("check.failed", key=str(ref), error=exc.code, detail=exc.message)
+            return None
+        self.record_verdict(ref, result.verdict.value, result.reason)
+        if trigger != "schedule":
+            log.info("check.triggered", key=str(ref), trigger=trigger, verdict=result.label)
+        if result.alert and self.webhook is not None:
+            self.webhook.check_alert(result)
+        if result.new_status is not None and Status(result.new_status).final:
+            self._unschedule(ref)
+        return result
+
+    def hold_lease(self) -> None:
+        """Job: acquire or renew the leader lease; start or stop scheduling checks with it."""
+        leader = self.lease.acquire_or_renew()
+        if leader and not self.leader:
+            log.info("checks.leader_acquired", holder=self.lease.holder)
+            self.leader = True
+            self.run_soon(self.sync_keys, job_id="checks.sync.now")
+        elif not leader and self.leader:
+            log.warning("checks.leader_lost", holder=self.lease.holder)
+            self.leader = False
+            for ref in list(self._checked):
+                self._unschedule(ref)
+        self.metrics.set_leader(leader=self.leader)
+
+    def sync_keys(self) -> None:
+        """Job: one check job per pending or active key; keys added, retired or deleted in
+        Vault are picked up here without a restart."""
+        if not self.leader:
+            return
+        try:
+            records = self.vault.list_records()
+        except ServiceError as exc:
+            log.warning("checks.sync_failed", error=exc.code, detail=exc.message)
+            return
+        wanted = {r.ref for r in records if r.status in (Status.PENDING, Status.ACTIVE)}
+        for ref in set(self._checked) - wanted:
+            self._unschedule(ref)
+        interval = self.settings.checks.interval
+        jitter = interval * self.settings.checks.jitter
+        for ref in sorted(wanted - set(self._checked)):
+            job_id = f"check:{ref}"
+            self.add_job(
+                self.run_check,
+                seconds=interval,
+                job_id=job_id,
+                jitter=jitter,
+                # Spread first runs over the interval so a restart does not probe every key at once.
+                first_run_in=random.uniform(0, interval),  # noqa: S311 - spreading, not security
+                args=(ref,),
+                executor="checks",
+            )
+            self._checked[ref] = job_id
+        self.metrics.set_checked_keys(len(self._checked))
+
+    def _unschedule(self, ref: KeyRef) -> None:
+        job_id = self._checked.pop(ref, None)
+        if job_id is not None:
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(job_id)
 
     # -- readiness and the daemon's own Vault session -------------------------------------
 
@@ -301,6 +429,13 @@ class Daemon:
             self.refresh_health, seconds=self._intervals["vault.health"], job_id="vault.health"
         )
         self.add_job(self.sweep, seconds=self._intervals["broker.sweep"], job_id="broker.sweep")
+        self.add_job(
+            self.hold_lease,
+            seconds=self._intervals["checks.lease"],
+            job_id="checks.lease",
+            first_run_in=0,
+        )
+        self.add_job(self.sync_keys, seconds=self._intervals["checks.sync"], job_id="checks.sync")
         self.scheduler.start()
         self._started = True
         log.info("daemon.started", listen=self.settings.listen)
@@ -310,6 +445,12 @@ class Daemon:
         if self._started:
             self.scheduler.shutdown(wait=True)
             self._started = False
+            if self.leader:
+                self.lease.release()  # another replica takes over at once, not after expiry
+                self.leader = False
+        self._exchange_http.close()
+        if self.webhook is not None:
+            self.webhook.close()
         self.broker.clear()
         if self._owns_vault:
             self.vault.close()

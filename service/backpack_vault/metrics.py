@@ -104,6 +104,22 @@ class Metrics:
             ["key", "status"],
             registry=registry,
         )
+        self.last_checked = Gauge(
+            "backpack_vault_key_last_checked_timestamp_seconds",
+            "When each key was last checked (Unix time); kept here, not written to Vault.",
+            ["key"],
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "backpack_vault_checks_leader",
+            "1 on the replica that holds the leader lease and runs the liveness checks.",
+            registry=registry,
+        )
+        self.checked_keys = Gauge(
+            "backpack_vault_checked_keys",
+            "Keys with a scheduled liveness check on this replica.",
+            registry=registry,
+        )
         self.revocations = Counter(
             "backpack_vault_copies_revoked",
             "Unclaimed copies revoked because their key was revoked or retired.",
@@ -147,6 +163,13 @@ class Metrics:
 
     def record_check(self, key: str, verdict: str, reason: str = "") -> None:
         self.checks.labels(key=key, verdict=verdict, reason=reason or "none").inc()
+        self.last_checked.labels(key=key).set_to_current_time()
+
+    def set_leader(self, *, leader: bool) -> None:
+        self.leader.set(1 if leader else 0)
+
+    def set_checked_keys(self, count: int) -> None:
+        self.checked_keys.set(count)
 
     def set_key_status(self, key: str, status: Status | str) -> None:
         current = Status(status)

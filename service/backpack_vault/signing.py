@@ -103,7 +103,7 @@ class Signer:
     __slots__ = ("_key", "api_key")
 
     def __init__(self, api_key: str, api_secret: str | Secret) -> None:
-        self._key = _signing_key(
+        self._key = _decode_seed(
             api_secret.reveal() if isinstance(api_secret, Secret) else api_secret
         )
         derived = base64.b64encode(bytes(self._key.verify_key)).decode("ascii")
@@ -133,10 +133,7 @@ class Signer:
         }
 
 
-# A handful of recently used keys stay decoded: deriving a SigningKey from its
-# seed costs as much as a signature, and a bot signs with the same key all day.
-@functools.lru_cache(maxsize=16)
-def _signing_key(api_secret: str) -> nacl.signing.SigningKey:
+def _decode_seed(api_secret: str) -> nacl.signing.SigningKey:
     try:
         seed = base64.b64decode(api_secret.strip(), validate=True)
     except ValueError:
@@ -155,7 +152,17 @@ def sign_request(
     window_ms: int = DEFAULT_WINDOW_MS,
 ) -> dict[str, str]:
     """Return ``X-API-Key``, ``X-Signature``, ``X-Timestamp`` and ``X-Window`` for one request."""
-    return Signer(api_key, api_secret).headers(instruction, params, timestamp_ms, window_ms)
+    secret = api_secret.reveal() if isinstance(api_secret, Secret) else api_secret
+    return _signer(api_key, secret).headers(instruction, params, timestamp_ms, window_ms)
+
+
+# For the one-shot sign_request of a bot holding a copy, a handful of recently used
+# keys stay decoded: deriving a SigningKey costs as much as a signature, and a bot
+# signs with the same key all day. The daemon holds Signer objects itself instead
+# (bounded by its secret cache), so its keys never linger here.
+@functools.lru_cache(maxsize=8)
+def _signer(api_key: str, api_secret: str) -> Signer:
+    return Signer(api_key, api_secret)
 
 
 def verify(api_key: str, message: str, signature: str) -> bool:
