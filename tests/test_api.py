@@ -168,28 +168,46 @@ class TestSignRoute:
     def test_sign_returns_headers_that_verify(self, served: Served, key: KeyPair) -> None:
         """POST .../sign returns the four headers for the exact request."""
         params = {"symbol": "SOL_USDC", "orderId": "28"}
+        stamp = int(time.time() * 1000)
         answer = served.call(
             "POST",
             "/v1/keys/main/bot-a/sign",
             token=served.root,
-            json={"instruction": "orderCancel", "params": params, "timestamp": 1614550000000},
+            json={"instruction": "orderCancel", "params": params, "timestamp": stamp},
         )
         assert answer.status_code == 200
         headers = answer.json()["headers"]
         assert set(headers) == {"X-API-Key", "X-Signature", "X-Timestamp", "X-Window"}
-        message = signing_string("orderCancel", params, 1614550000000, 5000)
+        message = signing_string("orderCancel", params, stamp, 5000)
         assert verify(key.api_key, message, headers["X-Signature"])
+
+    @pytest.mark.usefixtures("key")
+    def test_a_timestamp_far_from_now_is_refused(self, served: Served) -> None:
+        """A signature dated minutes away (it would outlive a revoked grant) gets 422."""
+        for offset_ms in (-3_600_000, 86_400_000):
+            answer = served.call(
+                "POST",
+                "/v1/keys/main/bot-a/sign",
+                token=served.root,
+                json={
+                    "instruction": "accountQuery",
+                    "timestamp": int(time.time() * 1000) + offset_ms,
+                },
+            )
+            assert answer.status_code == 422
+            assert "within 60 s" in answer.json()["error"]["message"]
 
     def test_a_batch_is_signed_from_a_list_of_orders(self, served: Served, key: KeyPair) -> None:
         """params may be a list of objects for batch orders."""
         orders = [{"symbol": "SOL_USDC", "side": "Bid"}, {"symbol": "SOL_USDC", "side": "Ask"}]
+        stamp = int(time.time() * 1000) - 30_000
         answer = served.call(
             "POST",
             "/v1/keys/main/bot-a/sign",
             token=served.root,
-            json={"instruction": "orderExecute", "params": orders, "timestamp": 5},
+            json={"instruction": "orderExecute", "params": orders, "timestamp": stamp},
         )
-        message = signing_string("orderExecute", orders, 5, 5000)
+        message = signing_string("orderExecute", orders, stamp, 5000)
         assert verify(key.api_key, message, answer.json()["headers"]["X-Signature"])
 
 
@@ -242,6 +260,14 @@ class TestReportRoute:
         assert int(again.headers["Retry-After"]) >= 1
         assert served.call("POST", path.format("bot-b"), token=served.root).status_code == 202
         assert [r[0] for r in served.reports] == ["main/bot-a", "main/bot-b"]
+
+    def test_a_report_for_an_unknown_key_is_404(self, served: Served) -> None:
+        """A report names a stored key; an unknown one triggers nothing and labels no metric."""
+        answer = served.call("POST", "/v1/keys/main/ghost-123/report", token=served.root)
+        assert answer.status_code == 404
+        assert served.reports == []
+        metrics = served.call("GET", "/metrics", token=None).text
+        assert 'backpack_vault_reports_total{key="main/ghost-123"' not in metrics
 
     @pytest.mark.usefixtures("key")
     def test_a_caller_without_a_grant_cannot_report(self, served: Served) -> None:

@@ -539,14 +539,11 @@ class TestSignatures:
         """Sign mode gives exactly sign_request's headers, and they verify with the public key."""
         record, secret = vault.read_key(ref)
         params = {"symbol": "SOL_USDC", "side": "Bid", "price": "141.5", "quantity": "2"}
-        signed = broker.sign(
-            root_token, ref, "orderExecute", params, timestamp=1_750_000_000_000, window=6000
-        )
-        expected = sign_request(
-            record.api_key, secret, "orderExecute", params, 1_750_000_000_000, 6000
-        )
+        stamp = int(time.time() * 1000) + 1000
+        signed = broker.sign(root_token, ref, "orderExecute", params, timestamp=stamp, window=6000)
+        expected = sign_request(record.api_key, secret, "orderExecute", params, stamp, 6000)
         assert dict(signed.headers) == expected
-        message = signing_string("orderExecute", params, 1_750_000_000_000, 6000)
+        message = signing_string("orderExecute", params, stamp, 6000)
         assert verify(record.api_key, message, signed.headers["X-Signature"])
 
     def test_batch_orders_are_signed_as_one_request(
@@ -555,9 +552,10 @@ class TestSignatures:
         """A list of orders signs like sign_request's batch form."""
         record, secret = vault.read_key(ref)
         orders = [{"symbol": "SOL_USDC", "side": "Bid"}, {"symbol": "SOL_USDC", "side": "Ask"}]
-        signed = broker.sign(root_token, ref, "orderExecute", orders, timestamp=1)
+        stamp = int(time.time() * 1000)
+        signed = broker.sign(root_token, ref, "orderExecute", orders, timestamp=stamp)
         assert dict(signed.headers) == sign_request(
-            record.api_key, secret, "orderExecute", orders, 1
+            record.api_key, secret, "orderExecute", orders, stamp
         )
 
     def test_timestamp_and_window_default_to_now_and_5000(
@@ -724,7 +722,7 @@ class TestAnswersFromMemory:
         """sign_now is None until the grant and key are cached; refusals come from the cache."""
         assert broker.sign_now(root_token, ref, "accountQuery", {}) is None
         broker.sign(root_token, ref, "accountQuery", {})
-        assert broker.sign_now(root_token, ref, "accountQuery", {}, timestamp=1) is not None
+        assert broker.sign_now(root_token, ref, "accountQuery", {}) is not None
         stranger = Provisioner(vault).create_token(["default"])
         with pytest.raises(NotPermitted):
             broker.sign(stranger, ref, "accountQuery", {})

@@ -61,7 +61,7 @@ class TestLoad:
         assert settings.broker.copy_ttl == 120
         assert settings.broker.wrap_ttl == 30
         assert settings.vault.auth == "approle"
-        assert settings.checks.webhook_url == "https://hooks.example/x"
+        assert settings.checks.webhook_url == Secret("https://hooks.example/x")
         assert settings.log_format == "console"
         assert settings.vault.addr == "https://vault:8200"
         assert settings.vault.token == Secret("s.abc")
@@ -105,6 +105,14 @@ class TestLoad:
         """A bad value raises ConfigError naming the variable and what is expected."""
         with pytest.raises(ConfigError, match=match):
             load(env)
+
+    def test_a_bad_webhook_url_is_not_echoed(self) -> None:
+        """The webhook URL may carry a token: an error about it never shows the value."""
+        with pytest.raises(ConfigError) as info:
+            load({"BACKPACK_VAULT_WEBHOOK_URL": "hooks.example/T0KEN-in-the-url"})
+        assert "T0KEN" not in info.value.message
+        assert "BACKPACK_VAULT_WEBHOOK_URL" in info.value.message
+        assert "T0KEN" not in repr(load({"BACKPACK_VAULT_WEBHOOK_URL": "https://h/T0KEN"}))
 
     def test_unknown_file_settings_are_refused(self, tmp_path: Path) -> None:
         """A typo in the file is an error listing the known names."""

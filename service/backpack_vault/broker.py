@@ -52,6 +52,8 @@ from backpack_vault.logging import get_logger
 from backpack_vault.signing import DEFAULT_WINDOW_MS, Params, Signer
 from backpack_vault.vault import Vault, WrapInfo
 
+MAX_TIMESTAMP_SKEW_MS: Final = 60_000
+
 __all__ = [
     "ALL_INSTRUCTIONS",
     "Broker",
@@ -577,7 +579,14 @@ class Broker:
             raise ReadOnlyKey(str(ref), instruction)
         if loaded.signer is None:  # pragma: no cover - _usable only returns active keys
             raise ServiceError(f"key {ref} has no signer")
-        stamp = int(self._clock() * 1000) if timestamp is None else timestamp
+        now_ms = int(self._clock() * 1000)
+        stamp = now_ms if timestamp is None else timestamp
+        if isinstance(stamp, int) and abs(stamp - now_ms) > MAX_TIMESTAMP_SKEW_MS:
+            # A signature dated far ahead would outlive a revoked grant or a retired key.
+            raise InvalidInput(
+                f"timestamp is {(stamp - now_ms) / 1000:+.0f} s from the daemon's clock; "
+                f"it must be within {MAX_TIMESTAMP_SKEW_MS // 1000} s (omit it to use now)"
+            )
         headers = loaded.signer.headers(
             instruction, params, stamp, DEFAULT_WINDOW_MS if window is None else window
         )

@@ -98,7 +98,7 @@ class CheckSettings:
     jitter: float = 0.1
     concurrency: int = 8
     subaccount_budget_per_minute: int = 120
-    webhook_url: str | None = None
+    webhook_url: Secret | None = None  # chat webhooks carry a token in the URL
     timeout: float = 10.0
     lease_ttl: float = 30.0
 
@@ -233,7 +233,7 @@ FIELDS: Final[tuple[Field, ...]] = (
         "subaccount_budget_per_minute",
     ),
     Field("lease_ttl", "BACKPACK_VAULT_LEASE_TTL", _positive_float, "checks", "lease_ttl"),
-    Field("webhook_url", "BACKPACK_VAULT_WEBHOOK_URL", _url, "checks", "webhook_url"),
+    Field("webhook_url", "BACKPACK_VAULT_WEBHOOK_URL", _url, "checks", "webhook_url", secret=True),
 )
 _BY_NAME: Final = {f.name: f for f in FIELDS}
 

@@ -76,6 +76,7 @@ class DevVault:
         self._home = tempfile.mkdtemp(prefix="bao-home-")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["HOME"] = self._home
+        env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token.reveal()  # not argv: visible to `ps`
         log = (
             self.log_path.open("ab") if self.log_path else (Path(self._home) / "bao.log").open("ab")
         )
@@ -84,7 +85,6 @@ class DevVault:
                 bao_binary(),
                 "server",
                 "-dev",
-                f"-dev-root-token-id={self.root_token.reveal()}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
             ],
             env=env,

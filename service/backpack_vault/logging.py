@@ -65,13 +65,42 @@ def redact(
     return event_dict
 
 
+class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the stdlib handler this module installs, so configure() replaces only it."""
+
+
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog once, at the edge (cli)."""
+    """Configure structlog once, at the edge (cli); stdlib loggers (uvicorn, apscheduler,
+    httpx) are rendered the same way, through the same redaction."""
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    handler = _OurHandler(stream or sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # httpx logs every request URL at INFO; a webhook URL can carry a token.
+    for noisy in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -100,7 +100,8 @@ def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False
         ) from None
     if isinstance(exc, hvac.exceptions.VaultError):
         raise UpstreamError(f"Vault refused {op} on {where}: {type(exc).__name__}") from None
-    raise exc
+    # Any other requests error: its text may quote a URL or a header, so keep only its type.
+    raise VaultUnavailable(f"Vault call failed ({op} {where}): {type(exc).__name__}") from None
 
 
 class _Missing(Exception):
@@ -147,6 +148,8 @@ class Vault:
         self._clock = clock
         self._session = session or requests.Session()
         self._verify: bool | str = settings.cacert or True
+        # hvac hands our session's own `verify` to requests, so the CA bundle goes there.
+        self._session.verify = self._verify
         self._client = self._new_client(Secret(""))
         self._token_info: TokenInfo | None = None
         self._mount = settings.kv_mount.strip("/")
@@ -235,6 +238,8 @@ class Vault:
             return True
         if info.expires_at is None:
             return False
+        if not info.renewable and self.settings.auth == "token":
+            return False  # a fixed token cannot be renewed or replaced: nothing to do until it ends
         return info.expires_at - self._clock() < info.ttl * fraction
 
     def _token_from(self, data: Mapping[str, Any]) -> TokenInfo:
@@ -408,8 +413,8 @@ class Vault:
                 )["data"]
         except _Missing:
             return None
-        if body.get("data") is None:
-            return None
+        if body.get("data") is None:  # soft-deleted: the next write must name this version
+            return {}, int(body["metadata"]["version"])
         return dict(body["data"]), int(body["metadata"]["version"])
 
     def write_document(self, path: str, data: Mapping[str, Any], cas: int) -> int:
