@@ -466,6 +466,54 @@ def sandbox_command(listen: str) -> None:
     sandbox.serve(host, int(port))
 
 
+@cli.command("dev")
+@click.option("--tour", is_flag=True, help="Run a scripted revocation scenario, then stop.")
+@click.option(
+    "--listen", metavar="HOST:PORT", help="The daemon's address. Default: 8280, else a free port."
+)
+@click.option(
+    "--sandbox-port",
+    type=click.IntRange(1, 65535),
+    help="The sandbox exchange's port. Default: 8300, else a free port.",
+)
+@click.option(
+    "--check-interval", type=float, help="Seconds between checks of one key. Default: 10 (tour: 1)."
+)
+@click.option(
+    "--logs",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the servers' logs here and keep them (default: a temporary directory).",
+)
+@pass_ctx
+@handle_errors
+def dev_command(
+    ctx: Context,
+    tour: bool,
+    listen: str | None,
+    sandbox_port: int | None,
+    check_interval: float | None,
+    logs: Path | None,
+) -> None:
+    """The embedded default: OpenBao dev server, sandbox exchange, daemon, demo key and worker.
+
+    With VAULT_ADDR (and VAULT_TOKEN) set, uses that Vault instead of starting a dev server.
+    Ctrl-C or SIGTERM stops every process it started. --tour revokes the demo key at the
+    sandbox, shows the daemon cutting it off, and exits 0 when every step passed.
+    """
+    from backpack_vault import devenv  # noqa: PLC0415 - fast start
+
+    settings = ctx.settings(listen=listen, check_interval=check_interval)
+    configure_logging("console", "warning")  # the terminal shows readable lines, not events
+    options = devenv.DevOptions(
+        tour=tour,
+        listen=settings.listen if listen else None,
+        sandbox_port=sandbox_port,
+        check_interval=check_interval,
+        logs=logs,
+    )
+    sys.exit(devenv.run(settings, options))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="backpack-vault", standalone_mode=True)

@@ -1,0 +1,722 @@
+"""``backpack-vault dev``: the embedded default; ``dev --tour``: a scripted revocation.
+
+::
+
+    run()
+      capture SIGTERM/SIGINT (the handler only sets a flag; every wait below polls it)
+      Vault      an OpenBao dev server (DevVault), or the Vault at VAULT_ADDR with VAULT_TOKEN
+      setup      provision.setup; a daemon token (daemon policy) and a demo worker token
+      sandbox    `python -m backpack_vault sandbox` child on 8300 (else a free port)
+      daemon     `python -m backpack_vault serve` child on 8280 (else a free port); /readyz
+      demo       1. main/demo generated and stored pending   2. registered at the sandbox,
+                 active once the daemon's check sees it accepted   3. order placed with a
+                 wrapped copy   4. order placed with daemon signatures
+      dev        print what runs and what to try; wait for Ctrl-C or SIGTERM
+      --tour     5. revoke at the sandbox   6. the daemon's checks notice   7. the cutoff
+      stop       every process started here, by PID, in reverse order (one ExitStack)
+    return 0
+
+Child processes log to files in a temporary directory (kept when something failed); this
+process prints readable lines to stdout. The only secrets printed are the throwaway dev
+server's root token and the demo worker's token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, ClassVar, Final, TextIO
+
+import httpx
+
+from backpack_vault.config import FIELDS, Secret, Settings, VaultSettings, environ_snapshot
+from backpack_vault.daemon import capture_signals
+from backpack_vault.devvault import DevVault, free_port
+from backpack_vault.errors import KeyNotUsable, ServiceError, UnknownKey
+from backpack_vault.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.provision import DAEMON_POLICY, render_worker_policy, setup
+from backpack_vault.sandbox import SandboxAdmin
+from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.worker import BrokerClient
+
+__all__ = ["DevError", "DevOptions", "Interrupted", "run"]
+
+DEFAULT_LISTEN: Final = "127.0.0.1:8280"
+DAEMON_PORT: Final = 8280
+SANDBOX_PORT: Final = 8300
+DEV_CHECK_INTERVAL: Final = 10.0
+TOUR_CHECK_INTERVAL: Final = 1.0
+DEMO_KEY: Final = KeyRef("main", "demo")
+WORKER_POLICY: Final = "backpack-vault-dev-worker"
+DEMO_INSTRUCTIONS: Final = (
+    "accountQuery",
+    "balanceQuery",
+    "orderCancel",
+    "orderExecute",
+    "orderQuery",
+    "orderQueryAll",
+)
+DEMO_ORDER: Final = {
+    "symbol": "SOL_USDC",
+    "side": "Bid",
+    "orderType": "Limit",
+    "price": "140.50",
+    "quantity": "1",
+}
+TOKEN_TTL: Final = "24h"  # noqa: S105 - a duration
+CHILD_STOP_S: Final = 15.0
+_LOG_TAIL_LINES: Final = 5
+
+
+class DevError(ServiceError):
+    """Something the embedded default needs did not happen; the message says what and where."""
+
+
+class Interrupted(ServiceError):
+    """SIGINT or SIGTERM arrived before the environment was ready (or during the tour)."""
+
+    exit_code: ClassVar[int] = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
+
+
+@dataclass(frozen=True, slots=True)
+class DevOptions:
+    tour: bool = False
+    listen: str | None = None  # the daemon's HOST:PORT, exactly; None: 8280, else a free port
+    sandbox_port: int | None = None  # exactly; None: 8300, else a free port
+    check_interval: float | None = None  # None: 10 s, or 1 s with the tour
+    logs: Path | None = None  # kept; None: a temporary directory, removed on a clean exit
+
+
+# -- small helpers ----------------------------------------------------------------------
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now (uvicorn sets SO_REUSEADDR too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _preferred_port(port: int) -> int:
+    return port if port_free(port) else free_port()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _connect_host(host: str) -> str:
+    """Where a client reaches a server listening on ``host``."""
+    if host in ("", "0.0.0.0"):  # noqa: S104 - a listen address, compared, not bound
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a child ``backpack-vault`` needs to see ``settings`` (never secrets)."""
+    env: dict[str, str] = {}
+    for f in FIELDS:
+        if f.env is None or f.secret:
+            continue
+        holder: Any = getattr(settings, f.section) if f.section else settings
+        value = getattr(holder, f.attr)
+        if value is not None:
+            env[f.env] = str(value)
+    return env
+
+
+def _clean_environ() -> dict[str, str]:
+    """This process's environment without any Vault or backpack-vault setting."""
+    return {
+        k: v
+        for k, v in environ_snapshot().items()
+        if not k.startswith(("VAULT_", "BAO_", "BACKPACK_VAULT_"))
+    }
+
+
+def _write(stream: TextIO, line: str) -> None:
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def _cli_command() -> str:
+    """How the user runs this CLI from another terminal."""
+    if shutil.which("backpack-vault"):
+        return "backpack-vault"
+    script = Path(sys.executable).parent / "backpack-vault"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m backpack_vault"
+
+
+class Child:
+    """A ``python -m backpack_vault ...`` child; output to a log file; stopped by its PID."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Child:
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "backpack_vault", *self.args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:  # pragma: no cover - read only after start()
+            raise DevError(f"the {self.name} was never started")
+        return self._proc.pid
+
+    def exit_code(self) -> int | None:
+        """None while it runs; its exit code once it has exited."""
+        return None if self._proc is None else self._proc.poll()
+
+    def require_running(self) -> None:
+        code = self.exit_code()
+        if code is not None:
+            raise DevError(
+                f"the {self.name} (pid {self.pid}) exited with {code}; its log "
+                f"{self.log_path} ends with:\n{self.tail()}"
+            )
+
+    def tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "  (no log)"
+        return "\n".join(f"  {line}" for line in text.splitlines()[-lines:]) or "  (empty)"
+
+    def stop(self) -> None:
+        """SIGTERM, wait; SIGKILL when it does not exit in time. Safe to call twice."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=CHILD_STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the environment --------------------------------------------------------------------
+
+
+class DevEnv:
+    """Starts everything onto one ExitStack, runs the demo and the tour; ``run()`` drives it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: DevOptions,
+        stack: ExitStack,
+        stop: threading.Event,
+        logs: Path,
+        out: TextIO,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.stack = stack
+        self.stop = stop
+        self.logs = logs
+        self.out = out
+        self.interval = options.check_interval or (
+            TOUR_CHECK_INTERVAL if options.tour else DEV_CHECK_INTERVAL
+        )
+        self.dev_vault: DevVault | None = None
+        self.children: list[Child] = []
+        self.vault: Vault
+        self.vault_settings: VaultSettings
+        self.sandbox_url = ""
+        self.daemon_url = ""
+        self.daemon_token = Secret("")
+        self.worker_token = Secret("")
+        self.key = DEMO_KEY
+        self.api_key = ""
+        self.sandbox: SandboxAdmin
+        self.broker: BrokerClient
+        self.copy_client: httpx.Client
+        self.sign_client: httpx.Client
+        self.http: httpx.Client
+
+    # -- output and waiting -------------------------------------------------------------
+
+    def say(self, line: str = "") -> None:
+        _write(self.out, line)
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted
+        for child in self.children:
+            child.require_running()
+
+    def _poll(self, condition: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+        """Call ``condition`` until it holds (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check()
+            if condition():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self.stop.wait(every)
+
+    # -- servers ------------------------------------------------------------------------
+
+    def start_vault(self) -> None:
+        s = self.settings
+        external = s.vault.addr != VaultSettings().addr or s.vault.token is not None
+        if external:
+            self.vault_settings = s.vault
+            where = f"{s.vault.addr} (VAULT_ADDR; nothing is started)"
+        else:
+            server = DevVault(log_path=self.logs / "openbao.log")
+            self.stack.callback(server.stop)
+            server.start()
+            self.dev_vault = server
+            self.vault_settings = dataclasses.replace(
+                s.vault,
+                addr=server.addr,
+                token=server.root_token,
+                auth="token",
+                cacert=None,
+                namespace=None,
+            )
+            where = f"{server.addr}  pid {server.pid}  (in memory: gone on exit)"
+        self.vault = Vault(self.vault_settings)
+        self.stack.callback(self.vault.close)
+        self.vault.login()
+        self._service("OpenBao dev server" if self.dev_vault else "Vault", where)
+        self._check()
+
+    def vault_setup(self) -> None:
+        settings = dataclasses.replace(self.settings, vault=self.vault_settings)
+        report = setup(self.vault, settings)
+        policies = sum(1 for item in report.items if item.kind == "policy")
+        self._service(
+            "vault setup",
+            f"KV mount {self.vault_settings.kv_mount}/, {policies} policies, "
+            f"worker policy {WORKER_POLICY}",
+        )
+        provisioner = Provisioner(self.vault)
+        self.daemon_token = self._token(provisioner, DAEMON_POLICY, "backpack-vault dev daemon")
+        hcl = render_worker_policy(
+            self.vault_settings.grant_prefix,
+            self.key.subaccount,
+            self.key.name,
+            DEMO_INSTRUCTIONS,
+            copy=True,
+        )
+        provisioner.ensure_policy(WORKER_POLICY, hcl)
+        self.worker_token = self._token(provisioner, WORKER_POLICY, "backpack-vault dev worker")
+        self._check()
+
+    def _token(self, provisioner: Provisioner, policy: str, purpose: str) -> Secret:
+        token = provisioner.create_token([policy], ttl=TOKEN_TTL, meta={"purpose": purpose})
+        if self.dev_vault is None:  # a real Vault: leave no live token behind
+            self.stack.callback(self._revoke_quietly, token)
+        return token
+
+    def _revoke_quietly(self, token: Secret) -> None:
+        with suppress(ServiceError):
+            self.vault.revoke_accessor(self.vault.lookup_caller(token).accessor)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], log: str) -> Child:
+        child = Child(name, args, env, self.logs / log)
+        self.stack.callback(child.stop)
+        self.children.append(child.start())
+        return child
+
+    def start_sandbox(self) -> None:
+        port = self.options.sandbox_port or _preferred_port(SANDBOX_PORT)
+        self.sandbox_url = f"http://127.0.0.1:{port}"
+        child = self._spawn(
+            "sandbox exchange",
+            ["sandbox", "--listen", f"127.0.0.1:{port}"],
+            _clean_environ(),
+            "sandbox.log",
+        )
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{self.sandbox_url}/api/v1/ping", timeout=1).text == "pong"
+            except httpx.HTTPError:
+                return False
+
+        if not self._poll(answers, timeout=20):
+            raise DevError(f"the sandbox exchange did not answer on {self.sandbox_url} in 20 s")
+        self._service("sandbox exchange", f"{self.sandbox_url}  pid {child.pid}")
+        admin_http = httpx.Client(base_url=self.sandbox_url, timeout=5)
+        self.stack.callback(admin_http.close)
+        self.sandbox = SandboxAdmin(admin_http)
+
+    def start_daemon(self) -> None:
+        listen = self.options.listen or (
+            self.settings.listen if self.settings.listen != DEFAULT_LISTEN else None
+        )
+        if listen is None:
+            listen = f"127.0.0.1:{_preferred_port(DAEMON_PORT)}"
+        settings = dataclasses.replace(
+            self.settings,
+            vault=self.vault_settings,
+            listen=listen,
+            checks=dataclasses.replace(
+                self.settings.checks, backpack_url=self.sandbox_url, interval=self.interval
+            ),
+        )
+        host, port = settings.listen_host_port
+        self.daemon_url = f"http://{_connect_host(host)}:{port}"
+        env = _clean_environ() | settings_env(settings)
+        env |= {
+            "VAULT_TOKEN": self.daemon_token.reveal(),
+            "BACKPACK_VAULT_AUTH": "token",
+            "BACKPACK_VAULT_LOG_FORMAT": "json",
+            # the contract's names, spelled out (settings_env wrote them too)
+            "VAULT_ADDR": self.vault_settings.addr,
+            "BACKPACK_VAULT_BACKPACK_URL": self.sandbox_url,
+            "BACKPACK_VAULT_LISTEN": listen,
+            "BACKPACK_VAULT_CHECK_INTERVAL": f"{self.interval:g}",
+        }
+        child = self._spawn("daemon", ["serve"], env, "daemon.log")
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{self.daemon_url}/readyz", timeout=1).status_code == 200  # noqa: PLR2004
+            except httpx.HTTPError:
+                return False
+
+        if not self._poll(ready, timeout=30):
+            raise DevError(
+                f"the daemon was not ready on {self.daemon_url}/readyz in 30 s; its log "
+                f"{child.log_path} ends with:\n{child.tail()}"
+            )
+        self._service(
+            "daemon", f"{self.daemon_url}  pid {child.pid}  (checks every {self.interval:g} s)"
+        )
+        self.broker = BrokerClient(
+            self.daemon_url, vault_addr=self.vault_settings.addr, token=self.worker_token
+        )
+        self.stack.callback(self.broker.close)
+        self.copy_client = self._exchange_client("copy")
+        self.sign_client = self._exchange_client("sign")
+        self.http = httpx.Client(timeout=5)
+        self.stack.callback(self.http.close)
+
+    def _exchange_client(self, mode: str) -> httpx.Client:
+        auth = self.broker.auth(self.key, mode="copy" if mode == "copy" else "sign")
+        client = httpx.Client(base_url=self.sandbox_url, auth=auth, timeout=10)
+        self.stack.callback(client.close)
+        return client
+
+    def _service(self, name: str, where: str) -> None:
+        self.say(f"  {name:<19} {where}")
+
+    # -- the demo, steps 1-4 ----------------------------------------------------------
+
+    def step(self, number: int, action: Callable[[], str]) -> None:
+        """Run one numbered step; print its line, or fail with the step's number."""
+        try:
+            line = action()
+        except Interrupted:
+            raise
+        except ServiceError as exc:
+            raise DevError(f"step {number} failed: {exc.message}") from None
+        except httpx.HTTPError as exc:
+            raise DevError(f"step {number} failed: {type(exc).__name__}: {exc}") from None
+        self.say(f"{number}. {line}")
+
+    def store_key(self) -> str:
+        if self.dev_vault is None:  # a real Vault may hold an older demo key: pick a free name
+            for n in range(2, 100):
+                try:
+                    self.vault.read_record(self.key)
+                except UnknownKey:
+                    break
+                self.key = KeyRef(DEMO_KEY.subaccount, f"{DEMO_KEY.name}-{n}")
+        pair = generate_pair()
+        stamp = _now_iso()
+        record = KeyRecord(
+            ref=self.key,
+            api_key=pair.api_key,
+            read_only=False,
+            status=Status.PENDING,
+            origin=Origin.GENERATED,
+            created_at=stamp,
+            status_since=stamp,
+            label="demo key of backpack-vault dev",
+        )
+        stored = self.vault.create_key(record, pair.secret)
+        if self.dev_vault is None:
+            self.stack.callback(self._delete_quietly, self.key)
+        self.api_key = pair.api_key
+        return f"stored {self.key} in Vault ({stored.status})"
+
+    def _delete_quietly(self, ref: KeyRef) -> None:
+        with suppress(ServiceError):
+            self.vault.delete_key(ref)
+
+    def activate(self) -> str:
+        started = time.monotonic()
+        self.sandbox.register(self.api_key)
+        # The next scheduled check may be an interval away; a report asks the daemon to check
+        # the key now (the same call a worker makes when Backpack refuses a request).
+        self.broker.report(self.key, "backpack-vault dev: public key registered at the sandbox")
+        timeout = max(30.0, 3 * self.interval)
+        if not self._poll(lambda: self._status() is Status.ACTIVE, timeout=timeout, every=0.1):
+            raise DevError(
+                f"{self.key} is still {self._status()} {timeout:g} s after its public key was "
+                f"registered: the daemon's checks did not see the sandbox accept it (is another "
+                f"daemon holding the checks lease?); see {self.logs / 'daemon.log'}"
+            )
+        elapsed = time.monotonic() - started
+        return (
+            "Backpack accepted the key: active (registered at the sandbox; "
+            f"the daemon's check saw it in {elapsed:.1f} s)"
+        )
+
+    def _status(self) -> Status:
+        return self.vault.read_record(self.key).status
+
+    def _order(self, client: httpx.Client) -> str:
+        response = client.post("/api/v1/order", json=DEMO_ORDER)
+        if response.status_code != 200:  # noqa: PLR2004
+            raise DevError(f"the sandbox refused the order: {response.status_code} {response.text}")
+        return str(response.json()["id"])
+
+    def order_with_copy(self) -> str:
+        order = self._order(self.copy_client)
+        return f"worker got a wrapped copy and placed order #{order} ({self._order_text()})"
+
+    def order_with_signature(self) -> str:
+        order = self._order(self.sign_client)
+        return f"worker had the daemon sign and placed order #{order} ({self._order_text()})"
+
+    @staticmethod
+    def _order_text() -> str:
+        o = DEMO_ORDER
+        return f"{o['orderType']} {o['side']} {o['quantity']} {o['symbol']} @ {o['price']}"
+
+    def demo(self) -> None:
+        self.step(1, self.store_key)
+        self.step(2, self.activate)
+        self.step(3, self.order_with_copy)
+        self.step(4, self.order_with_signature)
+
+    # -- the tour, steps 5-7 ----------------------------------------------------------
+
+    def tour(self) -> None:
+        unclaimed: list[Secret] = []
+        revoked_at: list[float] = []
+
+        def revoke() -> str:
+            unclaimed.append(self._unclaimed_copy())
+            self.sandbox.revoke(self.api_key)
+            revoked_at.append(time.monotonic())
+            return (
+                "revoked the key at the sandbox (as in the web UI); "
+                "a copy fetched just before is still unclaimed"
+            )
+
+        def detect() -> str:
+            timeout = max(30.0, 4 * self.interval + 10)
+            if not self._poll(lambda: self._status() is Status.REVOKED, timeout, every=0.1):
+                raise DevError(f"{self.key} is still {self._status()} after {timeout:g} s")
+            return f"daemon detected it: revoked after {time.monotonic() - revoked_at[0]:.1f} s"
+
+        self.step(5, revoke)
+        self.step(6, detect)
+        self.step(7, lambda: self.cutoff(unclaimed[0]))
+
+    def _unclaimed_copy(self) -> Secret:
+        """A wrapping token from the daemon, deliberately not unwrapped."""
+        ref = self.key
+        response = self.http.post(
+            f"{self.daemon_url}/v1/keys/{ref.subaccount}/{ref.name}/copy",
+            headers={"X-Vault-Token": self.worker_token.reveal()},
+        )
+        if response.status_code != 200:  # noqa: PLR2004
+            raise DevError(f"the daemon answered {response.status_code} to a copy request")
+        return Secret(str(response.json()["wrap_token"]))
+
+    def cutoff(self, wrap_token: Secret) -> str:
+        refusals = []
+        for what, attempt in (
+            ("copy", lambda: self.broker.copy(self.key)),
+            ("sign", lambda: self._order(self.sign_client)),
+        ):
+            try:
+                attempt()
+            except KeyNotUsable as exc:
+                refusals.append(f"{what} refused ({exc.http_status} {exc.code})")
+            else:
+                raise DevError(f"the daemon still allowed a {what} of a revoked key")
+        vault = self.vault_settings.addr
+
+        def gone() -> bool:  # the daemon revokes unclaimed copies as it marks the key revoked
+            answer = self.http.post(
+                f"{vault}/v1/sys/wrapping/lookup", json={"token": wrap_token.reveal()}
+            )
+            return answer.status_code != 200  # noqa: PLR2004
+
+        self._poll(gone, timeout=10, every=0.1)
+        answer = self.http.post(
+            f"{vault}/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrap_token.reveal()}
+        )
+        if answer.status_code == 200:  # noqa: PLR2004
+            raise DevError("an unclaimed copy of the revoked key still unwrapped")
+        return (
+            f"cutoff: {', '.join(refusals)}, an unclaimed wrapping token no longer unwraps "
+            f"({answer.status_code})"
+        )
+
+    # -- dev: what runs, what to try ----------------------------------------------------
+
+    def banner(self, seconds: float) -> None:
+        cli = _cli_command()
+        vault = self.vault_settings
+        exports = {"VAULT_ADDR": vault.addr}
+        if self.dev_vault is not None:
+            exports["VAULT_TOKEN"] = self.dev_vault.root_token.reveal()
+        defaults = VaultSettings()
+        for name, env in (
+            ("kv_mount", "BACKPACK_VAULT_KV_MOUNT"),
+            ("kv_prefix", "BACKPACK_VAULT_KV_PREFIX"),
+            ("grant_prefix", "BACKPACK_VAULT_GRANT_PREFIX"),
+        ):
+            if getattr(vault, name) != getattr(defaults, name):
+                exports[env] = str(getattr(vault, name))
+        export = " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items())
+        keys = f"{self.daemon_url}/v1/keys/{self.key.subaccount}/{self.key.name}"
+        sign_body = shlex.quote('{"instruction": "balanceQuery", "params": {}}')
+        revoke_body = shlex.quote(f'{{"api_key": "{self.api_key}"}}')
+        json_type = "-H 'Content-Type: application/json'"
+        self.say()
+        self.say(f"backpack-vault dev is ready ({seconds:.1f} s). Running until Ctrl-C or SIGTERM:")
+        if self.dev_vault is not None:
+            self._service("OpenBao dev server", f"pid {self.dev_vault.pid}  {vault.addr}")
+        for child in self.children:
+            url = self.sandbox_url if child.name.startswith("sandbox") else self.daemon_url
+            self._service(child.name, f"pid {child.pid}  {url}")
+        self._service("logs", str(self.logs))
+        self.say()
+        self.say("Dev-only secrets (a throwaway setup: never print real tokens like this):")
+        if self.dev_vault is not None:
+            self._service("root token", self.dev_vault.root_token.reveal())
+        self._service(
+            "worker token",
+            f"{self.worker_token.reveal()}  (policy {WORKER_POLICY}: copy and sign of {self.key})",
+        )
+        self.say()
+        self.say("Try, in another terminal:")
+        self.say(f"  export {export}")
+        if self.dev_vault is None:
+            self.say("  # and your own VAULT_TOKEN")
+        self.say(f"  export WORKER_TOKEN={shlex.quote(self.worker_token.reveal())}")
+        self.say(f"  {cli} keys list")
+        self.say(f'  curl -s -H "X-Vault-Token: $WORKER_TOKEN" {keys}')
+        self.say(
+            f'  curl -s -H "X-Vault-Token: $WORKER_TOKEN" {json_type} -d {sign_body} {keys}/sign'
+        )
+        self.say(
+            "  # revoke the key at the sandbox, as in the Backpack web UI; "
+            f"within ~{2 * self.interval:g} s the daemon marks it revoked:"
+        )
+        self.say(f"  curl -s {json_type} -d {revoke_body} {self.sandbox_url}/_sandbox/keys/revoke")
+        self.say(f"  watch -n 1 {cli} keys list")
+        self.say()
+        self.say("Press Ctrl-C to stop everything.")
+
+    def wait(self) -> None:
+        """Until SIGINT/SIGTERM; a child that dies on its own ends the wait with an error."""
+        while not self.stop.wait(0.5):
+            for child in self.children:
+                # A terminal's Ctrl-C reaches the children too: give our own flag a moment.
+                if child.exit_code() is not None and not self.stop.wait(0.5):
+                    child.require_running()
+
+
+# -- entry ----------------------------------------------------------------------------
+
+
+def run(
+    settings: Settings,
+    options: DevOptions,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """``backpack-vault dev [--tour]``: the exit code; everything started is stopped."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    started = time.monotonic()
+    stop = threading.Event()
+    logs = options.logs or Path(tempfile.mkdtemp(prefix="backpack-vault-dev-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    code = 0
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    with ExitStack() as stack:
+        stack.enter_context(capture_signals(on_signal))
+        env = DevEnv(settings, options, stack, stop, logs, out)
+        what = "the tour" if options.tour else "the embedded default"
+        env.say(
+            f"backpack-vault dev: starting {what} (Vault, sandbox exchange, daemon, demo worker)"
+        )
+        try:
+            env.start_vault()
+            env.vault_setup()
+            env.start_sandbox()
+            env.start_daemon()
+            env.demo()
+            if options.tour:
+                env.tour()
+                env.say(f"tour complete in {time.monotonic() - started:.1f} s")
+            else:
+                env.banner(time.monotonic() - started)
+                env.wait()
+        except Interrupted as exc:
+            _write(err, exc.message)
+            code = exc.exit_code
+        except ServiceError as exc:
+            _write(err, f"error: {exc.message}")
+            code = exc.exit_code
+        env.say("stopping everything...")
+    if options.logs is None and code in (0, Interrupted.exit_code):
+        shutil.rmtree(logs, ignore_errors=True)
+    elif code:
+        _write(err, f"logs kept in {logs}")
+    env.say("stopped" if code == 0 else f"stopped (exit {code})")
+    return code
