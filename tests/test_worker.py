@@ -257,8 +257,9 @@ class TestClient:
 
     def test_sign_returns_the_four_headers(self, env: Env, pair: KeyPair) -> None:
         """sign() gets headers signed by the daemon, verifiable with the public key."""
-        headers = env.client().sign("main/bot-a", "orderCancel", {"orderId": "28"}, 7, 6000)
-        message = signing_string("orderCancel", {"orderId": "28"}, 7, 6000)
+        stamp = int(time.time() * 1000)
+        headers = env.client().sign("main/bot-a", "orderCancel", {"orderId": "28"}, stamp, 6000)
+        message = signing_string("orderCancel", {"orderId": "28"}, stamp, 6000)
         assert verify(pair.api_key, message, headers["X-Signature"])
         assert headers["X-Window"] == "6000"
 
