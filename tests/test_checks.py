@@ -557,6 +557,60 @@ class TestSweep:
         assert [r.ref for r in results] == [keys[0][0]]
 
 
+STATUS, TIME = "GET /api/v1/status", "GET /api/v1/time"
+
+
+class TestSharedMeasurement:
+    """The exchange's status and clock offset are measured once for many checks."""
+
+    def test_a_sweep_asks_for_status_and_time_once(
+        self, checker: Checker, vault: Vault, sandbox: SandboxAdmin
+    ) -> None:
+        """Four keys checked in a row: one /status, one /time, then one probe per key."""
+        refs = []
+        for i in range(4):
+            ref, pair = KeyRef(f"sub-{i % 2}", f"bot-{i}"), generate_pair()
+            store(vault, ref, pair)
+            sandbox.register(pair.api_key)
+            refs.append(ref)
+        results = checker.check_many(refs)
+        assert {r.label for r in results} == {"VALID"}
+        assert (sandbox.count(STATUS), sandbox.count(TIME), sandbox.count(PROBE)) == (1, 1, 4)
+
+    def test_a_confirming_probe_measures_the_clock_again(
+        self, checker: Checker, registered: tuple[KeyRef, KeyPair], sandbox: SandboxAdmin
+    ) -> None:
+        """A rejection is confirmed with a freshly measured offset, never a reused one."""
+        ref, pair = registered
+        assert checker.check(ref).verdict is Verdict.VALID
+        sandbox.revoke(pair.api_key)
+        assert checker.check(ref).new_status is Status.REVOKED
+        assert (sandbox.count(STATUS), sandbox.count(TIME), sandbox.count(PROBE)) == (1, 2, 3)
+
+    def test_failures_are_not_reused_and_successes_age_out(
+        self,
+        vault: Vault,
+        exchange: Exchange,
+        registered: tuple[KeyRef, KeyPair],
+        sandbox: SandboxAdmin,
+    ) -> None:
+        """A failed /status is asked again by the next check; an Ok one after remeasure_s."""
+        ref, _ = registered
+        clock = FakeClock()
+        checker = Checker(vault, exchange, clock=clock, remeasure_s=5, confirm_delay_s=0)
+        sandbox.set_faults(maintenance=True)
+        assert checker.check(ref).label == "UNKNOWN(maintenance)"
+        sandbox.clear_faults()
+        assert checker.check(ref).label == "VALID"
+        assert (sandbox.count(STATUS), sandbox.count(TIME)) == (2, 1)
+        clock.now += 4.9
+        assert checker.check(ref).label == "VALID"
+        assert (sandbox.count(STATUS), sandbox.count(TIME)) == (2, 1)
+        clock.now += 0.2
+        assert checker.check(ref).label == "VALID"
+        assert (sandbox.count(STATUS), sandbox.count(TIME)) == (3, 2)
+
+
 # -- the fault matrix ------------------------------------------------------------------------
 
 KEYS_PER_CASE = 6

@@ -12,6 +12,13 @@ Steps for one key (``backpack/SPEC.md`` section 8)::
                                                    --anything else-----> UNKNOWN
     status change only: pending->active on VALID, active->revoked on REJECTED
 
+The status and the clock offset belong to the exchange, not to a key: an Ok
+status and a successful offset measurement are reused by every check for
+``remeasure_s`` (5 s), so a sweep of many keys sends about one signed probe
+per key instead of three requests. Failures are never reused (the next check
+asks again), and the resync after "expired" and before a confirming probe is
+always fresh.
+
 A sweep (:meth:`Checker.check_many`) adds the systemic guard: when several keys
 are probed and every one is rejected, Backpack probably changed, not the keys,
 so all of them are reported UNKNOWN(systemic) and none is revoked.
@@ -37,7 +44,7 @@ import structlog
 
 from backpack_vault.config import Secret
 from backpack_vault.errors import InvalidInput, ServiceError, UnknownKey, WriteConflict
-from backpack_vault.exchange import Exchange, ProbeResponse
+from backpack_vault.exchange import ClockSync, Exchange, ExchangeStatus, ProbeResponse
 from backpack_vault.keys import KeyRecord, KeyRef, Status
 from backpack_vault.signing import Signer, verify
 from backpack_vault.vault import Vault
@@ -45,6 +52,7 @@ from backpack_vault.vault import Vault
 __all__ = [
     "DEFAULT_BUDGET_PER_MINUTE",
     "PROBE_WINDOW_MS",
+    "REMEASURE_S",
     "VERDICT_TABLE",
     "CheckResult",
     "Checker",
@@ -62,6 +70,7 @@ log = structlog.get_logger()
 PROBE_WINDOW_MS: Final = 5000
 DEFAULT_BUDGET_PER_MINUTE: Final = 120  # Backpack allows 2000/min per sub-account
 SYSTEMIC_MIN_KEYS: Final = 3
+REMEASURE_S: Final = 5.0  # reuse an Ok status and a measured clock offset this long
 _PROBED: Final = frozenset({Status.PENDING, Status.ACTIVE})
 
 
@@ -261,6 +270,7 @@ class Checker:
         confirm_delay_s: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         systemic_min_keys: int = SYSTEMIC_MIN_KEYS,
+        remeasure_s: float = REMEASURE_S,
     ) -> None:
         self._vault = vault
         self._exchange = exchange
@@ -273,6 +283,10 @@ class Checker:
         self._systemic_min_keys = systemic_min_keys
         self._running: set[KeyRef] = set()
         self._running_lock = threading.Lock()
+        self._remeasure_s = remeasure_s
+        self._measured_lock = threading.Lock()
+        self._status_ok: tuple[float, ExchangeStatus] | None = None  # (when, the Ok answer)
+        self._synced_at: float | None = None  # when the offset was last measured successfully
 
     # -- public ---------------------------------------------------------------------------
 
@@ -378,7 +392,7 @@ class Checker:
         outcome = _Outcome(ref)
         if not self._budget.try_acquire(outcome.sub):
             return self._result(ref, Verdict.UNKNOWN, "rate_limited", old=old)
-        status = self._exchange.status()
+        status = self._status()
         if not status.ok:
             if status.maintenance:
                 return self._result(
@@ -400,6 +414,38 @@ class Checker:
             second, verdict=Verdict.UNKNOWN, reason="unconfirmed_rejection", row=second.row
         )
 
+    # -- what the exchange says of itself, shared by every check for remeasure_s ---------------
+
+    def _recent(self, at: float | None) -> bool:
+        age = None if at is None else self._clock() - at
+        return age is not None and 0 <= age < self._remeasure_s
+
+    def _status(self) -> ExchangeStatus:
+        """``GET /api/v1/status``, or the last Ok answer while it is recent."""
+        with self._measured_lock:
+            cached = self._status_ok
+        if cached is not None and self._recent(cached[0]):
+            return cached[1]
+        at = self._clock()
+        status = self._exchange.status()
+        if status.ok:
+            with self._measured_lock:
+                self._status_ok = (at, status)
+        return status
+
+    def _sync_clock(self, *, fresh: bool) -> ClockSync | None:
+        """Measure the clock offset; None when ``fresh`` is not needed and the last is recent."""
+        with self._measured_lock:
+            synced_at = self._synced_at
+        if not fresh and self._recent(synced_at):
+            return None
+        at = self._clock()
+        sync = self._exchange.sync_clock()
+        if sync.ok:
+            with self._measured_lock:
+                self._synced_at = at
+        return sync
+
     def _unsigned_failure(self, ref: KeyRef, response: ProbeResponse, old: Status) -> CheckResult:
         """A public route failed: only the table's UNKNOWN reasons apply (nothing was signed)."""
         rule = classify(response)
@@ -414,10 +460,14 @@ class Checker:
     def _probe(
         self, outcome: _Outcome, signer: Signer, old: Status, *, budgeted: bool
     ) -> CheckResult:
-        """Measure the offset and probe; on "expired", resync and probe once more."""
+        """Measure the offset and probe; on "expired", resync and probe once more.
+
+        Only the first probe of a check may use a recent offset; a confirming probe
+        (``budgeted=False``) and the retry after "expired" always measure it again.
+        """
         for attempt in range(2):
-            sync = self._exchange.sync_clock()
-            if not sync.ok:
+            sync = self._sync_clock(fresh=not budgeted or attempt > 0)
+            if sync is not None and not sync.ok:
                 return self._unsigned_failure(outcome.ref, sync.response, old)
             if not (budgeted and attempt == 0) and not self._budget.try_acquire(outcome.sub):
                 return self._result(
@@ -429,7 +479,9 @@ class Checker:
             if not rule.resync:
                 break
             if attempt == 0:
-                log.info("check.clock_resync", key=str(outcome.ref), offset_ms=sync.offset_ms)
+                log.info(
+                    "check.clock_resync", key=str(outcome.ref), offset_ms=self._exchange.offset_ms
+                )
         return self._result(
             outcome.ref,
             rule.verdict,

@@ -120,6 +120,8 @@ class Daemon:
                 "default": ThreadPoolExecutor(4),
                 # Checks have their own bounded pool so they never starve token renewal.
                 "checks": ThreadPoolExecutor(settings.checks.concurrency),
+                # A reported key is checked at once, not behind a backlog of scheduled checks.
+                "reports": ThreadPoolExecutor(2),
             },
         )
         checks = settings.checks
@@ -133,7 +135,10 @@ class Daemon:
         self._exchange_http = exchange_http or httpx.Client(
             timeout=httpx.Timeout(checks.timeout), headers={"User-Agent": "backpack-vault"}
         )
-        self.exchange = Exchange(self._exchange_http, checks.backpack_url, clock=clock)
+        # timeout_s too: Exchange passes its own per-request timeout, which beats the client's.
+        self.exchange = Exchange(
+            self._exchange_http, checks.backpack_url, clock=clock, timeout_s=checks.timeout
+        )
         self.webhook = (
             Webhook(httpx.Client(timeout=httpx.Timeout(5.0)), checks.webhook_url)
             if checks.webhook_url
@@ -150,6 +155,8 @@ class Daemon:
         self.lease = Lease(self.vault, ttl_s=checks.lease_ttl, clock=clock)
         self.leader = False
         self._checked: dict[KeyRef, str] = {}  # ref -> scheduler job id, while leader
+        # Leadership changes and the set of check jobs change together, under this lock.
+        self._leader_lock = threading.RLock()
         self._report: ReportCallback = report or self._check_reported
         self._graceful_s = graceful_s
         self.exit_requested = False
@@ -229,7 +236,7 @@ class Daemon:
         """A worker says Backpack rejected the key: check it now, on this replica."""
         log.info("check.report_received", key=str(ref), reason=reason)
         self.run_soon(
-            self.run_check, job_id=f"report:{ref}", args=(ref, "report"), executor="checks"
+            self.run_check, job_id=f"report:{ref}", args=(ref, "report"), executor="reports"
         )
 
     def run_check(self, ref: KeyRef, trigger: str = "schedule") -> CheckResult | None:
@@ -255,16 +262,17 @@ class Daemon:
     def hold_lease(self) -> None:
         """Job: acquire or renew the leader lease; start or stop scheduling checks with it."""
         leader = self.lease.acquire_or_renew()
-        if leader and not self.leader:
-            log.info("checks.leader_acquired", holder=self.lease.holder)
-            self.leader = True
-            self.run_soon(self.sync_keys, job_id="checks.sync.now")
-        elif not leader and self.leader:
-            log.warning("checks.leader_lost", holder=self.lease.holder)
-            self.leader = False
-            for ref in list(self._checked):
-                self._unschedule(ref)
-        self.metrics.set_leader(leader=self.leader)
+        with self._leader_lock:
+            if leader and not self.leader:
+                log.info("checks.leader_acquired", holder=self.lease.holder)
+                self.leader = True
+                self.run_soon(self.sync_keys, job_id="checks.sync.now")
+            elif not leader and self.leader:
+                log.warning("checks.leader_lost", holder=self.lease.holder)
+                self.leader = False
+                for ref in list(self._checked):
+                    self._unschedule(ref)
+            self.metrics.set_leader(leader=self.leader)
 
     def sync_keys(self) -> None:
         """Job: one check job per pending or active key; keys added, retired or deleted in
@@ -277,30 +285,37 @@ class Daemon:
             log.warning("checks.sync_failed", error=exc.code, detail=exc.message)
             return
         wanted = {r.ref for r in records if r.status in (Status.PENDING, Status.ACTIVE)}
-        for ref in set(self._checked) - wanted:
-            self._unschedule(ref)
         interval = self.settings.checks.interval
         jitter = interval * self.settings.checks.jitter
-        for ref in sorted(wanted - set(self._checked)):
-            job_id = f"check:{ref}"
-            self.add_job(
-                self.run_check,
-                seconds=interval,
-                job_id=job_id,
-                jitter=jitter,
-                # Spread first runs over the interval so a restart does not probe every key at once.
-                first_run_in=random.uniform(0, interval),  # noqa: S311 - spreading, not security
-                args=(ref,),
-                executor="checks",
-            )
-            self._checked[ref] = job_id
-        self.metrics.set_checked_keys(len(self._checked))
+        with self._leader_lock:
+            # Listing takes a while with many keys: if the lease was lost meanwhile, the jobs
+            # are gone and must stay gone, or two replicas would check every key.
+            if not self.leader:
+                return
+            for ref in set(self._checked) - wanted:
+                self._unschedule(ref)
+            for ref in sorted(wanted - set(self._checked)):
+                job_id = f"check:{ref}"
+                self.add_job(
+                    self.run_check,
+                    seconds=interval,
+                    job_id=job_id,
+                    jitter=jitter,
+                    # Spread first runs over the interval: a restart does not probe every key
+                    # at once.
+                    first_run_in=random.uniform(0, interval),  # noqa: S311 - spreading
+                    args=(ref,),
+                    executor="checks",
+                )
+                self._checked[ref] = job_id
+            self.metrics.set_checked_keys(len(self._checked))
 
     def _unschedule(self, ref: KeyRef) -> None:
-        job_id = self._checked.pop(ref, None)
-        if job_id is not None:
-            with contextlib.suppress(JobLookupError):
-                self.scheduler.remove_job(job_id)
+        with self._leader_lock:
+            job_id = self._checked.pop(ref, None)
+            if job_id is not None:
+                with contextlib.suppress(JobLookupError):
+                    self.scheduler.remove_job(job_id)
 
     # -- readiness and the daemon's own Vault session -------------------------------------
 
