@@ -557,6 +557,65 @@ class TestSweep:
         assert [r.ref for r in results] == [keys[0][0]]
 
 
+class TestSingleCheckGuard:
+    """The daemon checks one key at a time; a rejection is cross-checked on another key."""
+
+    @pytest.fixture
+    def keys(self, vault: Vault, sandbox: SandboxAdmin) -> list[tuple[KeyRef, KeyPair]]:
+        made = []
+        for i in range(3):
+            ref, pair = KeyRef("main", f"solo-{i}"), generate_pair()
+            store(vault, ref, pair)
+            sandbox.register(pair.api_key)
+            made.append((ref, pair))
+        return made
+
+    def test_a_rejection_is_revoked_when_another_key_is_still_accepted(
+        self,
+        checker: Checker,
+        keys: list[tuple[KeyRef, KeyPair]],
+        vault: Vault,
+        sandbox: SandboxAdmin,
+    ) -> None:
+        """The control key passes, so the rejection is the key's own: it is revoked."""
+        for ref, _ in keys:
+            assert checker.check(ref).verdict is Verdict.VALID
+        sandbox.revoke(keys[0][1].api_key)
+        before = sandbox.count(PROBE, keys[2][1].api_key)
+        result = checker.check(keys[0][0])
+        assert (result.verdict, result.new_status) == (Verdict.REJECTED, Status.REVOKED)
+        assert sandbox.count(PROBE, keys[2][1].api_key) == before + 1  # the latest accepted
+        assert vault.read_record(keys[1][0]).status is Status.ACTIVE
+
+    def test_when_backpack_rejects_every_key_nothing_is_revoked(
+        self,
+        checker: Checker,
+        keys: list[tuple[KeyRef, KeyPair]],
+        vault: Vault,
+        sandbox: SandboxAdmin,
+        changes: Changes,
+    ) -> None:
+        """A Backpack-side change (every key refused) is UNKNOWN(systemic) with an alert."""
+        for ref, _ in keys:
+            checker.check(ref)
+        for _, pair in keys:
+            sandbox.revoke(pair.api_key)
+        results = [checker.check(ref) for ref, _ in keys]
+        assert {(r.verdict, r.reason, r.alert) for r in results} == {
+            (Verdict.UNKNOWN, "systemic", True)
+        }
+        assert {vault.read_record(ref).status for ref, _ in keys} == {Status.ACTIVE}
+        assert changes.seen == []
+
+    def test_a_lone_key_is_revoked_on_its_own_confirmed_rejection(
+        self, checker: Checker, keys: list[tuple[KeyRef, KeyPair]], sandbox: SandboxAdmin
+    ) -> None:
+        """With no other key accepted lately, the second probe is the confirmation."""
+        sandbox.revoke(keys[0][1].api_key)
+        result = checker.check(keys[0][0])
+        assert result.new_status is Status.REVOKED
+
+
 STATUS, TIME = "GET /api/v1/status", "GET /api/v1/time"
 
 

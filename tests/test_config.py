@@ -38,6 +38,7 @@ class TestLoad:
                 "BACKPACK_VAULT_LISTEN": "0.0.0.0:9000",
                 "BACKPACK_VAULT_BACKPACK_URL": "http://127.0.0.1:8300/",
                 "BACKPACK_VAULT_CHECK_INTERVAL": "5",
+                "BACKPACK_VAULT_CHECK_TIMEOUT": "2.5",
                 "BACKPACK_VAULT_KV_MOUNT": "kv",
                 "BACKPACK_VAULT_KV_PREFIX": "bp",
                 "BACKPACK_VAULT_GRANT_PREFIX": "grants",
@@ -55,6 +56,7 @@ class TestLoad:
         assert settings.listen_host_port == ("0.0.0.0", 9000)
         assert settings.checks.backpack_url == "http://127.0.0.1:8300"
         assert settings.checks.interval == 5.0
+        assert settings.checks.timeout == 2.5
         assert settings.vault.kv_mount == "kv"
         assert settings.vault.kv_prefix == "bp"
         assert settings.vault.grant_prefix == "grants"

@@ -542,9 +542,9 @@ class TestLeadership:
         clock = FakeClock(time.time())
         daemon = Daemon(make_settings(), clock=clock)  # jobs driven by hand: not started
         rival = Lease(vault, "rival", ttl_s=LEASE_TTL, clock=clock)
-        listing = daemon.vault.list_records
+        listing = daemon.vault.list_refs
 
-        def list_while_the_lease_expires() -> list[KeyRecord]:
+        def list_while_the_lease_expires() -> list[KeyRef]:
             records = listing()
             clock.now += LEASE_TTL + 1  # a long listing: our lease runs out
             assert rival.acquire_or_renew()
@@ -555,7 +555,7 @@ class TestLeadership:
             daemon.login()
             daemon.hold_lease()
             assert daemon.leader
-            monkeypatch.setattr(daemon.vault, "list_records", list_while_the_lease_expires)
+            monkeypatch.setattr(daemon.vault, "list_refs", list_while_the_lease_expires)
             daemon.sync_keys()
             assert not daemon.leader
             assert daemon.scheduler.get_job(f"check:{REF}") is None

@@ -271,6 +271,7 @@ class Checker:
         sleep: Callable[[float], None] = time.sleep,
         systemic_min_keys: int = SYSTEMIC_MIN_KEYS,
         remeasure_s: float = REMEASURE_S,
+        systemic_window_s: float = 3600.0,
     ) -> None:
         self._vault = vault
         self._exchange = exchange
@@ -283,6 +284,11 @@ class Checker:
         self._systemic_min_keys = systemic_min_keys
         self._running: set[KeyRef] = set()
         self._running_lock = threading.Lock()
+        # What single checks saw lately, for the systemic guard (see check()).
+        self._memory_lock = threading.Lock()
+        self._accepted: dict[KeyRef, float] = {}
+        self._rejected: dict[KeyRef, float] = {}
+        self._systemic_window_s = systemic_window_s
         self._remeasure_s = remeasure_s
         self._measured_lock = threading.Lock()
         self._status_ok: tuple[float, ExchangeStatus] | None = None  # (when, the Ok answer)
@@ -291,8 +297,18 @@ class Checker:
     # -- public ---------------------------------------------------------------------------
 
     def check(self, ref: KeyRef) -> CheckResult:
-        """Check one key; raises UnknownKey, VaultUnavailable, ... from reading it."""
+        """Check one key; raises UnknownKey, VaultUnavailable, ... from reading it.
+
+        A confirmed rejection of an active key is cross-checked before it revokes:
+        the most recently accepted other key is probed once. If Backpack accepts
+        it, the rejection is this key's own and it is revoked; if Backpack rejects
+        that key too, the change is on Backpack's side: UNKNOWN(systemic), an
+        alert, and nothing revoked. With no other key accepted lately, rejections
+        of ``systemic_min_keys`` keys within one window count as systemic.
+        """
         result, record = self._evaluate(ref)
+        if record is not None and record.status is Status.ACTIVE:
+            result = self._cross_check(ref, result)
         return self._settle(record, result)
 
     def check_many(self, refs: Iterable[KeyRef], *, concurrency: int = 1) -> list[CheckResult]:
@@ -313,6 +329,55 @@ class Checker:
                 log.warning("check.status_write_failed", key=str(result.ref), error=exc.message)
                 results.append(result)
         return results
+
+    # -- the systemic guard for single checks ------------------------------------------------
+
+    def _cross_check(self, ref: KeyRef, result: CheckResult) -> CheckResult:
+        if result.verdict is Verdict.VALID:
+            with self._memory_lock:
+                self._accepted[ref] = self._clock()
+                self._rejected.pop(ref, None)
+            return result
+        if result.verdict is not Verdict.REJECTED:
+            return result
+        return self._confirm_rejection_is_specific(ref, result)
+
+    def _confirm_rejection_is_specific(self, ref: KeyRef, result: CheckResult) -> CheckResult:
+        now = self._clock()
+        with self._memory_lock:
+            self._accepted.pop(ref, None)
+            self._rejected[ref] = now
+            horizon = now - self._systemic_window_s
+            for stale in [k for k, t in self._rejected.items() if t < horizon]:
+                del self._rejected[stale]
+            others = sorted(
+                ((t, k) for k, t in self._accepted.items() if k != ref and t >= horizon),
+                reverse=True,
+            )
+            rejected_lately = len(self._rejected)
+        if not others:
+            if rejected_lately >= self._systemic_min_keys:
+                return self._systemic(result, rejected_lately)
+            return result
+        control = others[0][1]
+        control_result, _ = self._evaluate(control)
+        with self._memory_lock:
+            if control_result.verdict is Verdict.VALID:
+                self._accepted[control] = self._clock()
+            elif control_result.verdict is Verdict.REJECTED:
+                self._accepted.pop(control, None)
+                self._rejected[control] = self._clock()
+        if control_result.verdict is Verdict.VALID:
+            return result
+        if control_result.verdict is Verdict.REJECTED:
+            return self._systemic(result, rejected_lately + 1)
+        log.warning("check.control_inconclusive", key=str(ref), control=str(control))
+        return replace(result, verdict=Verdict.UNKNOWN, reason="unconfirmed_rejection")
+
+    @staticmethod
+    def _systemic(result: CheckResult, keys: int) -> CheckResult:
+        log.error("check.systemic", key=str(result.ref), keys_rejected=keys)
+        return replace(result, verdict=Verdict.UNKNOWN, reason="systemic", alert=True)
 
     # -- evaluation (no Vault writes) ---------------------------------------------------------
 

@@ -218,6 +218,7 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field("max_wrap_ttl", "BACKPACK_VAULT_MAX_WRAP_TTL", _positive_int, "broker", "max_wrap_ttl"),
     Field("backpack_url", "BACKPACK_VAULT_BACKPACK_URL", _url, "checks", "backpack_url"),
     Field("check_interval", "BACKPACK_VAULT_CHECK_INTERVAL", _positive_float, "checks", "interval"),
+    Field("check_timeout", "BACKPACK_VAULT_CHECK_TIMEOUT", _positive_float, "checks", "timeout"),
     Field(
         "check_concurrency",
         "BACKPACK_VAULT_CHECK_CONCURRENCY",

@@ -155,6 +155,7 @@ class Daemon:
         self.lease = Lease(self.vault, ttl_s=checks.lease_ttl, clock=clock)
         self.leader = False
         self._checked: dict[KeyRef, str] = {}  # ref -> scheduler job id, while leader
+        self._final: set[KeyRef] = set()  # revoked, retired or incomplete: never checked again
         # Leadership changes and the set of check jobs change together, under this lock.
         self._leader_lock = threading.RLock()
         self._report: ReportCallback = report or self._check_reported
@@ -255,8 +256,10 @@ class Daemon:
             log.info("check.triggered", key=str(ref), trigger=trigger, verdict=result.label)
         if result.alert and self.webhook is not None:
             self.webhook.check_alert(result)
-        if result.new_status is not None and Status(result.new_status).final:
+        status = result.new_status or result.old_status
+        if status is not None and Status(status).final:  # revoked here, or retired elsewhere
             self._unschedule(ref)
+            self._final.add(ref)
         return result
 
     def hold_lease(self) -> None:
@@ -280,11 +283,21 @@ class Daemon:
         if not self.leader:
             return
         try:
-            records = self.vault.list_records()
+            # Names only, then the metadata of keys not seen before: a sync costs a few
+            # list calls, not one read per key. Scheduled keys learn their status when checked.
+            refs = set(self.vault.list_refs())
+            with self._leader_lock:
+                known = set(self._checked) | self._final
+            new = [r for r in map(self._read_if_present, sorted(refs - known)) if r is not None]
         except ServiceError as exc:
             log.warning("checks.sync_failed", error=exc.code, detail=exc.message)
             return
-        wanted = {r.ref for r in records if r.status in (Status.PENDING, Status.ACTIVE)}
+        self._final = {ref for ref in self._final if ref in refs} | {
+            r.ref for r in new if r.status.final or r.status is Status.INCOMPLETE
+        }
+        wanted = (refs & set(self._checked)) | {
+            r.ref for r in new if r.status in (Status.PENDING, Status.ACTIVE)
+        }
         interval = self.settings.checks.interval
         jitter = interval * self.settings.checks.jitter
         with self._leader_lock:
@@ -309,6 +322,12 @@ class Daemon:
                 )
                 self._checked[ref] = job_id
             self.metrics.set_checked_keys(len(self._checked))
+
+    def _read_if_present(self, ref: KeyRef) -> KeyRecord | None:
+        try:
+            return self.vault.read_record(ref)
+        except UnknownKey:  # deleted between the listing and the read
+            return None
 
     def _unschedule(self, ref: KeyRef) -> None:
         with self._leader_lock:
