@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -28,6 +29,7 @@ from backpack_vault.checks import (
     Verdict,
     classify,
 )
+from backpack_vault.cli import cli
 from backpack_vault.config import Secret, VaultSettings
 from backpack_vault.devvault import free_port
 from backpack_vault.errors import ExchangeUnavailable, WriteConflict
@@ -1004,3 +1006,32 @@ class TestWebhook:
         assert (
             repr(_webhook(http, "https://hooks.example/T0KEN")) == "Webhook(host='hooks.example')"
         )
+
+
+class TestCheckCommand:
+    def test_keys_check_prints_the_verdict_and_exits_by_it(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        sandbox: SandboxAdmin,
+        registered: tuple[KeyRef, KeyPair],
+    ) -> None:
+        """`keys check` exits 0 on VALID, 12 once the key is revoked, then 6 (not usable)."""
+        ref, pair = registered
+        env = {
+            "VAULT_ADDR": vault_settings.addr,
+            "VAULT_TOKEN": vault_settings.token.reveal() if vault_settings.token else "",
+            "BACKPACK_VAULT_KV_PREFIX": vault_settings.kv_prefix,
+            "BACKPACK_VAULT_BACKPACK_URL": sandbox.url,
+        }
+        runner = CliRunner()
+        valid = runner.invoke(cli, ["keys", "check", str(ref)], env=env)
+        assert (valid.exit_code, valid.stdout.split(":")[1].split(",")[0].strip()) == (0, "VALID")
+        sandbox.revoke(pair.api_key)
+        rejected = runner.invoke(cli, ["keys", "check", str(ref)], env=env)
+        assert rejected.exit_code == 12
+        assert "now revoked" in rejected.stdout
+        assert vault.read_record(ref).status is Status.REVOKED
+        again = runner.invoke(cli, ["keys", "check", str(ref)], env=env)
+        assert again.exit_code == 6
+        assert "revoked" in again.output

@@ -293,13 +293,19 @@ def keys_check(ctx: Context, key: KeyRef, backpack_url: str | None, as_json: boo
     """
     import httpx  # noqa: PLC0415 - fast start for the other commands
 
+    from backpack_vault.alerts import Webhook  # noqa: PLC0415
     from backpack_vault.checks import Checker  # noqa: PLC0415
     from backpack_vault.exchange import Exchange  # noqa: PLC0415
 
     settings = ctx.settings(backpack_url=backpack_url)
+    url = settings.checks.webhook_url
     with httpx.Client(timeout=httpx.Timeout(settings.checks.timeout)) as http:
-        exchange = Exchange(http, settings.checks.backpack_url)
-        result = Checker(ctx.vault(), exchange).check(key)
+        webhook = Webhook(http, url) if url else None  # a revocation found here alerts too
+        exchange = Exchange(http, settings.checks.backpack_url, timeout_s=settings.checks.timeout)
+        checker = Checker(
+            ctx.vault(), exchange, on_change=webhook.key_status_changed if webhook else None
+        )
+        result = checker.check(key)
     if result.probes == 0 and result.old_status in ("revoked", "retired", "incomplete"):
         raise KeyNotUsable(str(key), str(result.old_status))
     if as_json:
