@@ -23,46 +23,12 @@ from backpack_vault.broker import Broker
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
 from backpack_vault.devvault import DevVault
 from backpack_vault.errors import ServiceError
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.keys import KeyPair, KeyRef, Status
 from backpack_vault.metrics import Metrics
 from backpack_vault.serving import ServerThread
 from backpack_vault.signing import signing_string, verify
 from backpack_vault.vault import Provisioner, Vault
-
-NOW = "2025-01-01T00:00:00+00:00"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def store(
-    vault: Vault,
-    ref: KeyRef,
-    *,
-    read_only: bool = False,
-    status: Status = Status.ACTIVE,
-    pair: KeyPair | None = None,
-) -> KeyPair:
-    pair = pair or generate_pair()
-    record = KeyRecord(
-        ref=ref,
-        api_key=pair.api_key,
-        read_only=read_only,
-        status=status,
-        origin=Origin.BACKPACK_UI,
-        created_at=NOW,
-        status_since=NOW,
-    )
-    vault.create_key(record, pair.secret)
-    return pair
+from helpers import NOW, FakeClock, store
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

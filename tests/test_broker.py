@@ -29,39 +29,10 @@ from backpack_vault.errors import (
     ServiceError,
     UnknownKey,
 )
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.keys import KeyRef, Status, generate_pair
 from backpack_vault.signing import signing_string, verify
 from backpack_vault.vault import Provisioner, Vault
-
-NOW = "2025-01-01T00:00:00+00:00"
-
-
-class FakeClock:
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def store(
-    vault: Vault, ref: KeyRef, *, read_only: bool = False, status: Status = Status.ACTIVE
-) -> KeyPair:
-    pair = generate_pair()
-    record = KeyRecord(
-        ref=ref,
-        api_key=pair.api_key,
-        read_only=read_only,
-        status=status,
-        origin=Origin.BACKPACK_UI,
-        created_at=NOW,
-        status_since=NOW,
-    )
-    vault.create_key(record, pair.secret)
-    return pair
+from helpers import NOW, FakeClock, store
 
 
 def unwrap(addr: str, wrap_token: Secret) -> httpx.Response:
