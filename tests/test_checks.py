@@ -492,17 +492,19 @@ class TestChecker:
         assert "signature=" not in text.lower()
 
 
-class TestSweep:
-    @pytest.fixture
-    def keys(self, vault: Vault, sandbox: SandboxAdmin) -> list[tuple[KeyRef, KeyPair]]:
-        made = []
-        for i in range(3):
-            ref, pair = KeyRef("main", f"bot-{i}"), generate_pair()
-            store(vault, ref, pair)
-            sandbox.register(pair.api_key)
-            made.append((ref, pair))
-        return made
+@pytest.fixture
+def keys(vault: Vault, sandbox: SandboxAdmin) -> list[tuple[KeyRef, KeyPair]]:
+    """Three active keys, stored in Vault and registered at the sandbox."""
+    made = []
+    for i in range(3):
+        ref, pair = KeyRef("main", f"bot-{i}"), generate_pair()
+        store(vault, ref, pair)
+        sandbox.register(pair.api_key)
+        made.append((ref, pair))
+    return made
 
+
+class TestSweep:
     def test_all_keys_rejected_is_systemic_and_revokes_nothing(
         self,
         checker: Checker,
@@ -561,16 +563,6 @@ class TestSweep:
 
 class TestSingleCheckGuard:
     """The daemon checks one key at a time; a rejection is cross-checked on another key."""
-
-    @pytest.fixture
-    def keys(self, vault: Vault, sandbox: SandboxAdmin) -> list[tuple[KeyRef, KeyPair]]:
-        made = []
-        for i in range(3):
-            ref, pair = KeyRef("main", f"solo-{i}"), generate_pair()
-            store(vault, ref, pair)
-            sandbox.register(pair.api_key)
-            made.append((ref, pair))
-        return made
 
     def test_a_rejection_is_revoked_when_another_key_is_still_accepted(
         self,

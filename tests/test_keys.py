@@ -178,6 +178,18 @@ class TestLifecycle:
         assert all(isinstance(v, str) and v for v in meta.values())
         assert KeyRecord.from_metadata(record.ref, meta, 3) == record
 
+    @pytest.mark.parametrize(
+        ("origin", "status"),
+        [(Origin.BACKPACK_UI, Status.ACTIVE), (Origin.GENERATED, Status.PENDING)],
+        ids=["added", "generated"],
+    )
+    def test_new_keys_start_where_the_lifecycle_says(self, origin: Origin, status: Status) -> None:
+        """A key copied from the web UI starts active; one generated here starts pending."""
+        record = KeyRecord.new(
+            KeyRef("main", "a"), KEY["api_key"], origin=origin, now="t0", read_only=True
+        )
+        assert (record.status, record.created_at, record.status_since) == (status, "t0", "t0")
+
     def test_incomplete_metadata_is_not_a_record(self) -> None:
         """Metadata without status or api_key does not pass for a usable key."""
         assert KeyRecord.from_metadata(KeyRef("main", "a"), {"api_key": "x"}, 1) is None

@@ -364,6 +364,9 @@ class TestKeySync:
             wait_until(
                 lambda: all(probes(name) >= 1 for name in refs), 2 * INTERVAL + SLACK, "checks"
             )
+            assert 'backpack_vault_key_status{key="main/deleted",status="active"} 1.0' in (
+                served.metrics()
+            )
             vault.set_status(refs["retired"], Status.RETIRED, now=NOW)  # `keys retire`
             vault.delete_key(refs["deleted"])  # `keys delete`
             wait_until(
@@ -376,6 +379,11 @@ class TestKeySync:
             wait_until(lambda: probes("kept") >= kept + 2, 3 * INTERVAL + SLACK, "more checks")
             assert {name: probes(name) for name in stopped} == stopped
             assert served.job(refs["kept"]) is not None
+            wait_until(
+                lambda: 'backpack_vault_key_status{key="main/deleted"' not in served.metrics(),
+                KEY_SYNC + SLACK,
+                "the deleted key's status series dropped",
+            )
 
 
 # -- a worker's report --------------------------------------------------------------------

@@ -34,7 +34,7 @@ import enum
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -62,7 +62,6 @@ __all__ = [
     "Rule",
     "Verdict",
     "classify",
-    "refs_of",
 ]
 
 log = structlog.get_logger()
@@ -720,8 +719,3 @@ def _float(value: object) -> float:
         except ValueError:
             return 0.0
     return 0.0
-
-
-def refs_of(records: Sequence[KeyRecord]) -> list[KeyRef]:
-    """The refs of the records worth probing (pending or active)."""
-    return [r.ref for r in records if r.status in _PROBED]

@@ -154,15 +154,12 @@ def keys_add(
 ) -> None:
     """Store a key created in the Backpack web UI. The secret comes from stdin or a file."""
     pair = parse_key_pair(api_key, _read_secret(secret_file))
-    stamp = now_iso()
-    record = KeyRecord(
-        ref=key,
-        api_key=pair.api_key,
-        read_only=read_only,
-        status=Status.ACTIVE,
+    record = KeyRecord.new(
+        key,
+        pair.api_key,
         origin=Origin.BACKPACK_UI,
-        created_at=stamp,
-        status_since=stamp,
+        now=now_iso(),
+        read_only=read_only,
         label=label,
     )
     stored = ctx.vault().create_key(record, pair.secret)
@@ -178,16 +175,8 @@ def keys_add(
 def keys_generate(ctx: Context, key: KeyRef, read_only: bool, label: str) -> None:
     """Make a key pair here; the secret goes straight into Vault, the public key to you."""
     pair = generate_pair()
-    stamp = now_iso()
-    record = KeyRecord(
-        ref=key,
-        api_key=pair.api_key,
-        read_only=read_only,
-        status=Status.PENDING,
-        origin=Origin.GENERATED,
-        created_at=stamp,
-        status_since=stamp,
-        label=label,
+    record = KeyRecord.new(
+        key, pair.api_key, origin=Origin.GENERATED, now=now_iso(), read_only=read_only, label=label
     )
     ctx.vault().create_key(record, pair.secret)
     read_only_step = "switch Read Only ON" if read_only else "leave Read Only OFF"

@@ -208,10 +208,6 @@ class Daemon:
             func, args=args, id=job_id, name=job_id, replace_existing=True, executor=executor
         )
 
-    def set_report(self, report: ReportCallback) -> None:
-        """Replace what a worker's rejection report triggers (the checks wiring sets this)."""
-        self._report = report
-
     def key_status_changed(self, ref: KeyRef, new_status: Status | str) -> int:
         """The revocation cascade: drop caches, revoke unclaimed copies, update the gauge."""
         status = Status(new_status)
@@ -257,6 +253,8 @@ class Daemon:
         if result.alert and self.webhook is not None:
             self.webhook.check_alert(result)
         status = result.new_status or result.old_status
+        if status is not None:
+            self.metrics.set_key_status(str(ref), status)
         if status is not None and Status(status).final:  # revoked here, or retired elsewhere
             self._unschedule(ref)
             self._final.add(ref)
@@ -292,6 +290,8 @@ class Daemon:
         except ServiceError as exc:
             log.warning("checks.sync_failed", error=exc.code, detail=exc.message)
             return
+        for gone in (set(self._checked) | self._final) - refs:
+            self.metrics.forget_key(str(gone))  # deleted from Vault: drop its status series
         self._final = {ref for ref in self._final if ref in refs} | {
             r.ref for r in new if r.status.final or r.status is Status.INCOMPLETE
         }

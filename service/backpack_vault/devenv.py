@@ -465,15 +465,12 @@ class DevEnv:
                     break
                 self.key = KeyRef(DEMO_KEY.subaccount, f"{DEMO_KEY.name}-{n}")
         pair = generate_pair()
-        stamp = _now_iso()
-        record = KeyRecord(
-            ref=self.key,
-            api_key=pair.api_key,
-            read_only=False,
-            status=Status.PENDING,
+        record = KeyRecord.new(
+            self.key,
+            pair.api_key,
             origin=Origin.GENERATED,
-            created_at=stamp,
-            status_since=stamp,
+            now=_now_iso(),
+            read_only=False,
             label="demo key of backpack-vault dev",
         )
         stored = self.vault.create_key(record, pair.secret)

@@ -231,6 +231,30 @@ class KeyRecord:
             return None
 
     @classmethod
+    def new(
+        cls,
+        ref: KeyRef,
+        api_key: str,
+        *,
+        origin: Origin,
+        now: str,
+        read_only: bool,
+        label: str = "",
+    ) -> KeyRecord:
+        """The record of a key being stored: copied from the web UI it is active at once;
+        generated here it is pending until Backpack accepts it."""
+        return cls(
+            ref=ref,
+            api_key=api_key,
+            read_only=read_only,
+            status=Status.ACTIVE if origin is Origin.BACKPACK_UI else Status.PENDING,
+            origin=origin,
+            created_at=now,
+            status_since=now,
+            label=label,
+        )
+
+    @classmethod
     def incomplete(cls, ref: KeyRef, version: int) -> KeyRecord:
         return cls(
             ref=ref,

@@ -439,12 +439,6 @@ class Vault:
             created_at=self._clock(),
         )
 
-    def unwrap(self, token: Secret) -> dict[str, Any]:
-        """Unwrap with the wrapping token itself (as a worker does)."""
-        client = self._new_client(token)
-        with _calling("unwrap", "sys/wrapping/unwrap", caller_token=True):
-            return dict(client.sys.unwrap()["data"])
-
     def revoke_accessor(self, accessor: str) -> None:
         """Revoke a token by accessor; an unknown or used-up accessor is not an error."""
         with _calling("revoke-accessor", "auth/token/revoke-accessor"):
