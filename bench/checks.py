@@ -56,13 +56,13 @@ import httpx
 import requests
 import requests.adapters
 
+from backpack_vault.backpack.rest import Exchange
 from backpack_vault.checks import DEFAULT_BUDGET_PER_MINUTE, Checker, RequestBudget
 from backpack_vault.config import Secret, VaultSettings, load
-from backpack_vault.devvault import DevVault, free_port
-from backpack_vault.exchange import Exchange
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.dev.vault import DevVault, free_port
 from backpack_vault.logging import configure
-from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.vault.client import Provisioner, Vault
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 import httpx
 
 from backpack_vault import sign_request
+from backpack_vault.backpack.signing import signing_string
+from backpack_vault.client.broker import BrokerClient
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
 from backpack_vault.daemon import Daemon
-from backpack_vault.devvault import DevVault, free_port
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import DevVault, free_port
 from backpack_vault.logging import configure
-from backpack_vault.serving import ServerThread
-from backpack_vault.signing import signing_string
-from backpack_vault.vault import Vault
-from backpack_vault.worker import BrokerClient
+from backpack_vault.vault.client import Vault
 
 REF = KeyRef("main", "bench")
 STAMP = "2025-01-01T00:00:00+00:00"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import nacl.signing
 
 from backpack_vault import sign_request
-from backpack_vault.signing import Signer, signing_string
+from backpack_vault.backpack.signing import Signer, signing_string
 
 PARAMS = {
     "symbol": "SOL_USDC",

@@ -16,8 +16,8 @@ import pytest
 import structlog
 
 from backpack_vault.config import Secret, VaultSettings
-from backpack_vault.devvault import DevVault
-from backpack_vault.vault import Vault
+from backpack_vault.dev.vault import DevVault
+from backpack_vault.vault.client import Vault
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="bv-test-home-")
 for _name in [n for n in os.environ if n.startswith(("VAULT_", "BAO_", "BACKPACK_VAULT_"))]:
@@ -75,8 +75,8 @@ def _reset_structlog() -> Iterator[None]:
 
 import httpx  # noqa: E402
 
-from backpack_vault.sandbox import SandboxAdmin, SandboxState, create_app  # noqa: E402
-from backpack_vault.serving import ServerThread  # noqa: E402
+from backpack_vault.daemon.serving import ServerThread  # noqa: E402
+from backpack_vault.testing.sandbox import SandboxAdmin, SandboxState, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")

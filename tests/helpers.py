@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.vault import Vault
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.vault.client import Vault
 
 NOW = "2025-01-01T00:00:00+00:00"
 

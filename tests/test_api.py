@@ -19,15 +19,15 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from backpack_vault.api import create_app
+from backpack_vault.backpack.signing import signing_string, verify
 from backpack_vault.broker import Broker
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
-from backpack_vault.devvault import DevVault
+from backpack_vault.core.keys import KeyPair, KeyRef, Status
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ServiceError
-from backpack_vault.keys import KeyPair, KeyRef, Status
 from backpack_vault.metrics import Metrics
-from backpack_vault.serving import ServerThread
-from backpack_vault.signing import signing_string, verify
-from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.vault.client import Provisioner, Vault
 from helpers import NOW, FakeClock, store
 
 

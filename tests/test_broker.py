@@ -18,9 +18,11 @@ import httpx
 import pytest
 
 from backpack_vault import sign_request
+from backpack_vault.backpack.signing import signing_string, verify
 from backpack_vault.broker import Broker, Ledger, ReadOnlyKey, iso_utc
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
-from backpack_vault.devvault import DevVault
+from backpack_vault.core.keys import KeyRef, Status, generate_pair
+from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import (
     InvalidInput,
     KeyNotUsable,
@@ -29,9 +31,7 @@ from backpack_vault.errors import (
     ServiceError,
     UnknownKey,
 )
-from backpack_vault.keys import KeyRef, Status, generate_pair
-from backpack_vault.signing import signing_string, verify
-from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.vault.client import Provisioner, Vault
 from helpers import NOW, FakeClock, store
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backpack_vault.config import VaultSettings
-from backpack_vault.keys import generate_pair
+from backpack_vault.core.keys import generate_pair
 
 
 @pytest.fixture

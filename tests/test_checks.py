@@ -20,6 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backpack_vault.alerts import Webhook
+from backpack_vault.backpack.rest import Exchange, ProbeResponse
+from backpack_vault.backpack.signing import Signer
 from backpack_vault.checks import (
     VERDICT_TABLE,
     Checker,
@@ -31,14 +33,12 @@ from backpack_vault.checks import (
 )
 from backpack_vault.cli import cli
 from backpack_vault.config import Secret, VaultSettings
-from backpack_vault.devvault import free_port
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import free_port
 from backpack_vault.errors import ExchangeUnavailable, WriteConflict
-from backpack_vault.exchange import Exchange, ProbeResponse
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.sandbox import SandboxAdmin
-from backpack_vault.serving import ServerThread
-from backpack_vault.signing import Signer
-from backpack_vault.vault import Vault
+from backpack_vault.testing.sandbox import SandboxAdmin
+from backpack_vault.vault.client import Vault
 
 # -- helpers ---------------------------------------------------------------------------------
 

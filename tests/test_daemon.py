@@ -21,12 +21,12 @@ import httpx
 import pytest
 
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
+from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
 from backpack_vault.daemon import Daemon
-from backpack_vault.devvault import DevVault, free_port
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import DevVault, free_port
 from backpack_vault.errors import ConfigError, ServiceError, VaultDenied, VaultUnavailable
-from backpack_vault.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.serving import ServerThread
-from backpack_vault.vault import Vault
+from backpack_vault.vault.client import Vault
 
 NOW = "2025-01-01T00:00:00+00:00"
 REF = KeyRef("main", "bot-a")

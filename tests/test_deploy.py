@@ -32,7 +32,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from backpack_vault import provision, sandbox
 from backpack_vault.config import (
     FIELDS,
     BrokerSettings,
@@ -42,10 +41,12 @@ from backpack_vault.config import (
     VaultSettings,
     load,
 )
-from backpack_vault.devvault import DevVault, bao_binary, free_port
-from backpack_vault.keys import KeyRef
-from backpack_vault.serving import ServerThread
-from backpack_vault.vault import Vault
+from backpack_vault.core.keys import KeyRef
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import DevVault, bao_binary, free_port
+from backpack_vault.testing import sandbox
+from backpack_vault.vault import setup as provision
+from backpack_vault.vault.client import Vault
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backpack_vault.devvault import DevVault, free_port
-from backpack_vault.vault import Vault
+from backpack_vault.dev.vault import DevVault, free_port
+from backpack_vault.vault.client import Vault
 
 ROOT = Path(__file__).resolve().parents[1]
 

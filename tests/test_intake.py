@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from backpack_vault.cli import cli
 from backpack_vault.config import Secret, VaultSettings
-from backpack_vault.devvault import DevVault, bao_binary, free_port
+from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.dev.vault import DevVault, bao_binary, free_port
 from backpack_vault.errors import UnknownKey, VaultDenied, WriteConflict
-from backpack_vault.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.vault.client import Provisioner, Vault
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "vectors.json").read_text())
 KEY = VECTORS["key"]

@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backpack_vault.config import Secret
-from backpack_vault.errors import InvalidInput, KeyNotUsable
-from backpack_vault.keys import (
+from backpack_vault.core.keys import (
     KeyRecord,
     KeyRef,
     Origin,
@@ -22,6 +21,7 @@ from backpack_vault.keys import (
     parse_api_key,
     parse_key_pair,
 )
+from backpack_vault.errors import InvalidInput, KeyNotUsable
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "vectors.json").read_text())
 CHECKS = {c["id"]: c for c in VECTORS["key_format_checks"]}

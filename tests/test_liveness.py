@@ -31,15 +31,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from backpack_vault.checks import Lease
+from backpack_vault.client.broker import BrokerClient, KeyRevoked
 from backpack_vault.config import Secret, Settings, VaultSettings, load
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
 from backpack_vault.daemon import Daemon
-from backpack_vault.devvault import DevVault
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import DevVault
 from backpack_vault.logging import configure
-from backpack_vault.sandbox import SandboxAdmin
-from backpack_vault.serving import ServerThread
-from backpack_vault.vault import Provisioner, Vault
-from backpack_vault.worker import BrokerClient, KeyRevoked
+from backpack_vault.testing.sandbox import SandboxAdmin
+from backpack_vault.vault.client import Provisioner, Vault
 
 pytestmark = pytest.mark.slow
 

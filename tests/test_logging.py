@@ -10,7 +10,7 @@ import structlog
 
 from backpack_vault.config import Secret, VaultSettings
 from backpack_vault.logging import REDACTED, configure, get_logger
-from backpack_vault.vault import Vault
+from backpack_vault.vault.client import Vault
 
 CANARY = "c4n4ry-S3CRET-value"
 

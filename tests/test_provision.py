@@ -16,16 +16,16 @@ from pathlib import Path
 import hvac
 import pytest
 
-from backpack_vault import provision
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
-from backpack_vault.devvault import DevVault
+from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ConfigError, InvalidInput, VaultDenied
-from backpack_vault.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.provision import KubernetesAuth, Outcome
-from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.vault import setup as provision
+from backpack_vault.vault.client import Provisioner, Vault
+from backpack_vault.vault.setup import KubernetesAuth, Outcome
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "service" / "backpack_vault" / "policies"
+SHIPPED = REPO / "service" / "backpack_vault" / "vault" / "policies"
 DEPLOYED = REPO / "deploy" / "vault" / "policies"
 PATH = re.compile(r'^path "([^"]+)"', re.MULTILINE)
 STANZA = re.compile(r'^path "([^"]+)" \{ capabilities = \["(\w+)"\] \}$', re.MULTILINE)
@@ -152,7 +152,7 @@ class TestPolicyFiles:
         """The templated worker policy file is what the renderer writes from the instructions."""
         text = (SHIPPED / f"{provision.TEMPLATED_WORKER_POLICY}.hcl").read_text()
         assert text == provision.render_templated_worker_policy(), (
-            "regenerate service/backpack_vault/policies/backpack-vault-worker-templated.hcl "
+            "regenerate service/backpack_vault/vault/policies/backpack-vault-worker-templated.hcl "
             "(and its deploy/ copy) from provision.render_templated_worker_policy()"
         )
 

@@ -15,11 +15,13 @@ import httpx
 import pytest
 from bpx.account import Account
 
+from backpack_vault.backpack.instructions import lookup
+from backpack_vault.backpack.signing import sign_request
 from backpack_vault.config import Secret
-from backpack_vault.devvault import free_port
-from backpack_vault.instructions import lookup
-from backpack_vault.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.sandbox import (
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import free_port
+from backpack_vault.testing.sandbox import (
     EXPIRED_ANSWER,
     INVALID_SIGNATURE_ANSWER,
     READ_ONLY_ANSWER,
@@ -30,9 +32,7 @@ from backpack_vault.sandbox import (
     SandboxState,
     create_app,
 )
-from backpack_vault.serving import ServerThread
-from backpack_vault.signing import sign_request
-from backpack_vault.vault import Vault
+from backpack_vault.vault.client import Vault
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "data" / "vectors.json").read_text(encoding="utf-8")
@@ -570,7 +570,7 @@ class TestServe:
     def test_serve_runs_until_sigterm(self) -> None:
         """``serve(host, port)``, the CLI's entry, answers on the port and exits on SIGTERM."""
         port = free_port()
-        code = f"from backpack_vault.sandbox import serve; serve('127.0.0.1', {port})"
+        code = f"from backpack_vault.testing.sandbox import serve; serve('127.0.0.1', {port})"
         proc = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backpack_vault import sign_request
+from backpack_vault.backpack.instructions import ENDPOINTS, is_state_changing, lookup
+from backpack_vault.backpack.signing import Signer, signing_string, verify
 from backpack_vault.config import Secret
 from backpack_vault.errors import InvalidInput
-from backpack_vault.instructions import ENDPOINTS, is_state_changing, lookup
-from backpack_vault.signing import Signer, signing_string, verify
 
 DATA = Path(__file__).parent / "data"
 VECTORS = json.loads((DATA / "vectors.json").read_text())

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = REPO / "service" / "backpack_vault" / "policies"
+POLICIES = REPO / "service" / "backpack_vault" / "vault" / "policies"
 NOBODY = 65534
 
 
@@ -118,12 +118,12 @@ class TestWheel:
             shipped = {
                 n.rsplit("/", 1)[1]: wheel.read(n)
                 for n in names
-                if n.startswith("backpack_vault/policies/")
+                if n.startswith("backpack_vault/vault/policies/")
             }
             (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
             scripts = wheel.read(entry_points).decode()
         assert "backpack_vault/__init__.py" in names
-        assert "backpack_vault/provision.py" in names
+        assert "backpack_vault/vault/setup.py" in names
         assert shipped == {p.name: p.read_bytes() for p in POLICIES.glob("*.hcl")}
         assert "backpack-vault = backpack_vault.cli:main" in scripts
         assert not [n for n in names if n.startswith(("tests/", "deploy/", "service/"))]
@@ -133,7 +133,7 @@ class TestWheel:
         code = (
             "import backpack_vault, os, pathlib;"
             "print(os.geteuid());"
-            "from backpack_vault import provision;"
+            "from backpack_vault.vault import setup as provision;"
             "from backpack_vault.config import Settings, VaultSettings, BrokerSettings,"
             " CheckSettings;"
             "s = Settings(VaultSettings(), BrokerSettings(), CheckSettings());"

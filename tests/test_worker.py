@@ -17,23 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
-from backpack_vault.daemon import Daemon
-from backpack_vault.devvault import DevVault, free_port
-from backpack_vault.errors import (
-    InvalidInput,
-    KeyNotUsable,
-    NotAuthenticated,
-    NotPermitted,
-    UnknownKey,
-    UpstreamError,
-)
-from backpack_vault.instructions import lookup
-from backpack_vault.keys import KeyPair, KeyRef, Status
-from backpack_vault.serving import ServerThread
-from backpack_vault.signing import signing_string, verify
-from backpack_vault.vault import Provisioner, Vault
-from backpack_vault.worker import (
+from backpack_vault.backpack.instructions import lookup
+from backpack_vault.backpack.signing import signing_string, verify
+from backpack_vault.client.broker import (
     AccessDenied,
     BrokerClient,
     BrokerUnavailable,
@@ -43,6 +29,20 @@ from backpack_vault.worker import (
     KeyRevoked,
     is_rejection,
 )
+from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
+from backpack_vault.core.keys import KeyPair, KeyRef, Status
+from backpack_vault.daemon import Daemon
+from backpack_vault.daemon.serving import ServerThread
+from backpack_vault.dev.vault import DevVault, free_port
+from backpack_vault.errors import (
+    InvalidInput,
+    KeyNotUsable,
+    NotAuthenticated,
+    NotPermitted,
+    UnknownKey,
+    UpstreamError,
+)
+from backpack_vault.vault.client import Provisioner, Vault
 from helpers import NOW, FakeClock, store
 
 

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from backpack_vault.keys import generate_pair
+from backpack_vault.core.keys import generate_pair
 
 
 def call(url: str, method: str, token: str = "", body: object = None) -> Any:

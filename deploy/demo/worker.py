@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import httpx
 
-from backpack_vault.worker import BrokerClient
+from backpack_vault.client.broker import BrokerClient
 
 SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
 

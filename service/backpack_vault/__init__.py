@@ -19,7 +19,7 @@ is the only module that imports hvac; ``daemon`` is the only one that schedules.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from backpack_vault.signing import sign_request
+from backpack_vault.backpack.signing import sign_request
 
 __all__ = ["__version__", "sign_request"]
 

@@ -19,7 +19,7 @@ import structlog
 
 from backpack_vault.checks import CheckResult
 from backpack_vault.config import Secret
-from backpack_vault.keys import KeyRecord
+from backpack_vault.core.keys import KeyRecord
 
 __all__ = ["Webhook", "status_change_payload"]
 

@@ -30,8 +30,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from backpack_vault.backpack.instructions import is_known
 from backpack_vault.broker import Broker, KeyInfo, ReadOnlyKey
 from backpack_vault.config import Secret
+from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
     InvalidInput,
     KeyNotUsable,
@@ -40,8 +42,6 @@ from backpack_vault.errors import (
     UpstreamError,
     VaultUnavailable,
 )
-from backpack_vault.instructions import is_known
-from backpack_vault.keys import KeyRef
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import NO_KEY, Metrics
 

@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
+from backpack_vault.backpack.instructions import (
+    ENDPOINTS,
+    EXTRA_INSTRUCTIONS,
+    is_known,
+    is_state_changing,
+)
+from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
 from backpack_vault.config import BrokerSettings, Secret
+from backpack_vault.core.keys import KeyRecord, KeyRef, Status
 from backpack_vault.errors import (
     CallerError,
     InvalidInput,
@@ -46,11 +54,8 @@ from backpack_vault.errors import (
     ServiceError,
     UnknownKey,
 )
-from backpack_vault.instructions import ENDPOINTS, EXTRA_INSTRUCTIONS, is_known, is_state_changing
-from backpack_vault.keys import KeyRecord, KeyRef, Status
 from backpack_vault.logging import get_logger
-from backpack_vault.signing import DEFAULT_WINDOW_MS, Params, Signer
-from backpack_vault.vault import Vault, WrapInfo
+from backpack_vault.vault.client import Vault, WrapInfo
 
 MAX_TIMESTAMP_SKEW_MS: Final = 60_000
 

@@ -42,12 +42,12 @@ from typing import Final
 
 import structlog
 
+from backpack_vault.backpack.rest import ClockSync, Exchange, ExchangeStatus, ProbeResponse
+from backpack_vault.backpack.signing import Signer, verify
 from backpack_vault.config import Secret
+from backpack_vault.core.keys import KeyRecord, KeyRef, Status
 from backpack_vault.errors import InvalidInput, ServiceError, UnknownKey, WriteConflict
-from backpack_vault.exchange import ClockSync, Exchange, ExchangeStatus, ProbeResponse
-from backpack_vault.keys import KeyRecord, KeyRef, Status
-from backpack_vault.signing import Signer, verify
-from backpack_vault.vault import Vault
+from backpack_vault.vault.client import Vault
 
 __all__ = [
     "DEFAULT_BUDGET_PER_MINUTE",

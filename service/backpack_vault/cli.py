@@ -24,8 +24,7 @@ import click
 
 from backpack_vault import __version__
 from backpack_vault.config import Secret, Settings, load_from_os
-from backpack_vault.errors import ConfigError, InvalidInput, KeyNotUsable, ServiceError
-from backpack_vault.keys import (
+from backpack_vault.core.keys import (
     KeyRecord,
     KeyRef,
     Origin,
@@ -33,8 +32,9 @@ from backpack_vault.keys import (
     generate_pair,
     parse_key_pair,
 )
+from backpack_vault.errors import ConfigError, InvalidInput, KeyNotUsable, ServiceError
 from backpack_vault.logging import configure as configure_logging
-from backpack_vault.vault import Vault
+from backpack_vault.vault.client import Vault
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -283,8 +283,8 @@ def keys_check(ctx: Context, key: KeyRef, backpack_url: str | None, as_json: boo
     import httpx  # noqa: PLC0415 - fast start for the other commands
 
     from backpack_vault.alerts import Webhook  # noqa: PLC0415
+    from backpack_vault.backpack.rest import Exchange  # noqa: PLC0415
     from backpack_vault.checks import Checker  # noqa: PLC0415
-    from backpack_vault.exchange import Exchange  # noqa: PLC0415
 
     settings = ctx.settings(backpack_url=backpack_url)
     url = settings.checks.webhook_url
@@ -374,7 +374,7 @@ def vault_setup(
     as_json: bool,
 ) -> None:
     """Idempotent: KV v2 mount, policies, and optionally AppRole and Kubernetes roles."""
-    from backpack_vault.provision import KubernetesAuth, setup  # noqa: PLC0415 - fast start
+    from backpack_vault.vault.setup import KubernetesAuth, setup  # noqa: PLC0415 - fast start
 
     k8s = None
     if kubernetes:
@@ -418,7 +418,7 @@ def policy_worker(
     ctx: Context, sub: str, key_name: str | None, instructions: tuple[str, ...], copy: bool
 ) -> None:
     """Print a worker policy: sign (and optionally copy) grants for one sub-account."""
-    from backpack_vault.provision import render_worker_policy  # noqa: PLC0415 - fast start
+    from backpack_vault.vault.setup import render_worker_policy  # noqa: PLC0415 - fast start
 
     grant_prefix = ctx.settings().vault.grant_prefix
     click.echo(render_worker_policy(grant_prefix, sub, key_name, instructions, copy=copy), nl=False)
@@ -450,7 +450,7 @@ def serve_command(
 @handle_errors
 def sandbox_command(listen: str) -> None:
     """Serve the local Backpack exchange double (for tests, demos and your own bots)."""
-    from backpack_vault import sandbox  # noqa: PLC0415 - fast start
+    from backpack_vault.testing import sandbox  # noqa: PLC0415 - fast start
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -495,7 +495,7 @@ def dev_command(
     Ctrl-C or SIGTERM stops every process it started. --tour revokes the demo key at the
     sandbox, shows the daemon cutting it off, and exits 0 when every step passed.
     """
-    from backpack_vault import devenv  # noqa: PLC0415 - fast start
+    from backpack_vault.dev import env as devenv  # noqa: PLC0415 - fast start
 
     settings = ctx.settings(listen=listen, check_interval=check_interval)
     configure_logging("console", "warning")  # the terminal shows readable lines, not events

@@ -20,7 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from backpack_vault.keys import Status
+from backpack_vault.core.keys import Status
 
 __all__ = ["NO_KEY", "Metrics"]
 

@@ -42,15 +42,15 @@ from typing import Any, ClassVar, Final, TextIO
 
 import httpx
 
+from backpack_vault.client.broker import BrokerClient
 from backpack_vault.config import FIELDS, Secret, Settings, VaultSettings, environ_snapshot
+from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
 from backpack_vault.daemon import capture_signals
-from backpack_vault.devvault import DevVault, free_port
+from backpack_vault.dev.vault import DevVault, free_port
 from backpack_vault.errors import KeyNotUsable, ServiceError, UnknownKey
-from backpack_vault.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.provision import DAEMON_POLICY, render_worker_policy, setup
-from backpack_vault.sandbox import SandboxAdmin
-from backpack_vault.vault import Provisioner, Vault
-from backpack_vault.worker import BrokerClient
+from backpack_vault.testing.sandbox import SandboxAdmin
+from backpack_vault.vault.client import Provisioner, Vault
+from backpack_vault.vault.setup import DAEMON_POLICY, render_worker_policy, setup
 
 __all__ = ["DevError", "DevOptions", "Interrupted", "run"]
 

@@ -34,11 +34,16 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Final
 
+from backpack_vault.backpack.instructions import (
+    ENDPOINTS,
+    EXTRA_INSTRUCTIONS,
+    is_known,
+    is_state_changing,
+)
 from backpack_vault.config import Settings, VaultSettings
+from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import ConfigError, InvalidInput
-from backpack_vault.instructions import ENDPOINTS, EXTRA_INSTRUCTIONS, is_known, is_state_changing
-from backpack_vault.keys import KeyRef
-from backpack_vault.vault import Provisioner, Vault
+from backpack_vault.vault.client import Provisioner, Vault
 
 __all__ = [
     "ACCESSOR_PLACEHOLDER",
@@ -234,7 +239,7 @@ def render_templated_worker_policy(grant_prefix: str = DEFAULT_GRANT_PREFIX) -> 
 
 
 def _read_shipped(name: str) -> str:
-    return (resources.files("backpack_vault") / "policies" / f"{name}.hcl").read_text(
+    return (resources.files("backpack_vault.vault") / "policies" / f"{name}.hcl").read_text(
         encoding="utf-8"
     )
 

@@ -37,7 +37,7 @@ class ServerThread:
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         if port == 0:
-            from backpack_vault.devvault import free_port  # noqa: PLC0415
+            from backpack_vault.dev.vault import free_port  # noqa: PLC0415
 
             port = free_port()
         self.host = host

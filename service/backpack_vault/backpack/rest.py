@@ -22,8 +22,8 @@ from typing import Final
 import httpx
 import structlog
 
+from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Signer
 from backpack_vault.errors import ExchangeUnavailable
-from backpack_vault.signing import DEFAULT_WINDOW_MS, Signer
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -26,6 +26,7 @@ import hvac.exceptions
 import requests
 
 from backpack_vault.config import Secret, VaultSettings
+from backpack_vault.core.keys import KeyRecord, KeyRef, Status, can_transition
 from backpack_vault.errors import (
     ConfigError,
     NotAuthenticated,
@@ -36,7 +37,6 @@ from backpack_vault.errors import (
     VaultUnavailable,
     WriteConflict,
 )
-from backpack_vault.keys import KeyRecord, KeyRef, Status, can_transition
 
 __all__ = ["Capabilities", "Provisioner", "TokenInfo", "Vault", "WrapInfo"]
 

@@ -1,0 +1,1 @@
+"""What bots import: the broker client and its ``httpx.Auth``."""

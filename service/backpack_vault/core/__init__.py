@@ -1,0 +1,1 @@
+"""The pure core: key references and lifecycle, verdicts, clock, caches. No I/O library here."""

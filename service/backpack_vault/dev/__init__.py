@@ -1,0 +1,1 @@
+"""``backpack-vault dev`` and the OpenBao dev launcher; imported only by ``cli``."""

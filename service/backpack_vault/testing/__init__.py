@@ -1,0 +1,1 @@
+"""What users' tests and ours import: the sandbox exchange and small test helpers."""

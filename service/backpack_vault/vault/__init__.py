@@ -1,0 +1,1 @@
+"""Vault's side: the port the domain sees, the one hvac client behind it, and setup."""
