@@ -27,8 +27,8 @@ from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ServiceError
 from backpack_vault.metrics import Metrics
+from backpack_vault.testing import NOW, FakeClock, store_key
 from backpack_vault.vault.client import Provisioner, Vault
-from helpers import NOW, FakeClock, store
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -97,7 +97,7 @@ def served(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> 
 
 @pytest.fixture
 def key(vault: Vault) -> KeyPair:
-    return store(vault, KeyRef("main", "bot-a"))
+    return store_key(vault, KeyRef("main", "bot-a"))
 
 
 def worker_token(vault: Vault, grants: str, hcl: str) -> Secret:
@@ -217,8 +217,8 @@ class TestReportRoute:
 
     def test_reports_are_rate_limited_per_key(self, served: Served, vault: Vault) -> None:
         """A second report within the interval is 429 with Retry-After; other keys are not held."""
-        store(vault, KeyRef("main", "bot-a"))
-        store(vault, KeyRef("main", "bot-b"))
+        store_key(vault, KeyRef("main", "bot-a"))
+        store_key(vault, KeyRef("main", "bot-b"))
         path = "/v1/keys/main/{}/report"
         assert served.call("POST", path.format("bot-a"), token=served.root).status_code == 202
         again = served.call("POST", path.format("bot-a"), token=served.root)
@@ -292,8 +292,8 @@ class TestErrors:
         code: str,
     ) -> None:
         """Each failure has its status and a JSON body {"error": {"code", "message"}}."""
-        store(vault, KeyRef("main", "old"), status=Status.RETIRED)
-        store(vault, KeyRef("main", "ro"), read_only=True)
+        store_key(vault, KeyRef("main", "old"), status=Status.RETIRED)
+        store_key(vault, KeyRef("main", "ro"), read_only=True)
         tokens = {
             "root": served.root,
             "bogus": Secret("s.bogus-token"),
@@ -313,7 +313,7 @@ class TestErrors:
 
     def test_a_not_usable_key_names_its_status(self, served: Served, vault: Vault) -> None:
         """409 bodies carry the key's status, and the message says which it is."""
-        store(vault, KeyRef("main", "gone"), status=Status.REVOKED)
+        store_key(vault, KeyRef("main", "gone"), status=Status.REVOKED)
         error = served.call("POST", "/v1/keys/main/gone/copy", token=served.root).json()["error"]
         assert error["status"] == "revoked"
         assert "revoked" in error["message"]
@@ -407,8 +407,8 @@ class TestNoSecretLeaks:
     ) -> None:
         """Copy, sign, errors, metrics and logs never show the secret, a wrap or worker token."""
         pair = canary_pair()
-        store(vault, KeyRef("main", "canary"), pair=pair)
-        store(vault, KeyRef("main", "canary-ro"), pair=canary_pair(), read_only=True)
+        store_key(vault, KeyRef("main", "canary"), pair=pair)
+        store_key(vault, KeyRef("main", "canary-ro"), pair=canary_pair(), read_only=True)
         worker = Provisioner(vault).create_token(["root"])
         base = "/v1/keys/main/canary"
         bodies: list[str] = []

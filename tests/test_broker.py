@@ -19,8 +19,9 @@ import pytest
 
 from backpack_vault import sign_request
 from backpack_vault.backpack.signing import signing_string, verify
-from backpack_vault.broker import Broker, Ledger, ReadOnlyKey, iso_utc
+from backpack_vault.broker import Broker, Ledger
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
+from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import KeyRef, Status, generate_pair
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import (
@@ -28,11 +29,12 @@ from backpack_vault.errors import (
     KeyNotUsable,
     NotAuthenticated,
     NotPermitted,
+    ReadOnlyKey,
     ServiceError,
     UnknownKey,
 )
+from backpack_vault.testing import NOW, FakeClock, store_key
 from backpack_vault.vault.client import Provisioner, Vault
-from helpers import NOW, FakeClock, store
 
 
 def unwrap(addr: str, wrap_token: Secret) -> httpx.Response:
@@ -68,7 +70,7 @@ def broker(vault: Vault, vault_settings: VaultSettings) -> Broker:
 @pytest.fixture
 def ref(vault: Vault) -> KeyRef:
     ref = KeyRef("main", "bot-a")
-    store(vault, ref)
+    store_key(vault, ref)
     return ref
 
 
@@ -159,7 +161,7 @@ def world(dev_vault: DevVault) -> Iterator[World]:
         (alpha, "bot-ro", True),
         (beta, "bot-b", False),
     ]:
-        store(vault, KeyRef(sub, name), read_only=read_only)
+        store_key(vault, KeyRef(sub, name), read_only=read_only)
 
     setup = Provisioner(vault)
     setup.ensure_auth("approle")
@@ -428,7 +430,7 @@ class TestRefusals:
     ) -> None:
         """Pending, revoked and retired keys get KeyNotUsable (409) naming the status."""
         ref = KeyRef("main", "bot-x")
-        store(vault, ref, status=status)
+        store_key(vault, ref, status=status)
         call: Callable[[], object] = {
             "copy": lambda: broker.copy(root_token, ref),
             "sign": lambda: broker.sign(root_token, ref, "accountQuery", {}),
@@ -573,7 +575,7 @@ class TestSignatures:
     ) -> None:
         """Whatever the policy (here root), a read-only key refuses state-changing instructions."""
         ref = KeyRef("main", "watcher")
-        store(vault, ref, read_only=True)
+        store_key(vault, ref, read_only=True)
         with pytest.raises(ReadOnlyKey, match="read-only") as caught:
             broker.sign(root_token, ref, instruction, {})
         assert caught.value.http_status == 403
@@ -709,7 +711,7 @@ def test_iso_utc_is_iso_8601_with_z() -> None:
 def test_errors_carry_no_secret(broker: Broker, vault: Vault, root_token: Secret) -> None:
     """Refusals name keys and statuses only, never the secret."""
     ref = KeyRef("main", "quiet")
-    pair = store(vault, ref, read_only=True)
+    pair = store_key(vault, ref, read_only=True)
     seed_text = base64.b64decode(pair.secret.reveal()).hex()
     caught: list[ServiceError] = []
     for call in (

@@ -20,22 +20,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backpack_vault.alerts import Webhook
-from backpack_vault.backpack.rest import Exchange, ProbeResponse
+from backpack_vault.backpack.rest import Exchange
 from backpack_vault.backpack.signing import Signer
-from backpack_vault.checks import (
-    VERDICT_TABLE,
-    Checker,
-    CheckResult,
-    Lease,
-    RequestBudget,
-    Verdict,
-    classify,
-)
+from backpack_vault.checks import Checker, Lease, RequestBudget
 from backpack_vault.cli import cli
 from backpack_vault.config import Secret, VaultSettings
 from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
-from backpack_vault.daemon.serving import ServerThread
-from backpack_vault.dev.vault import free_port
+from backpack_vault.core.verdicts import (
+    VERDICT_TABLE,
+    CheckResult,
+    ProbeResponse,
+    Verdict,
+    classify,
+)
+from backpack_vault.daemon.serving import ServerThread, free_port
 from backpack_vault.errors import ExchangeUnavailable, WriteConflict
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Vault

@@ -42,8 +42,8 @@ from backpack_vault.errors import (
     UnknownKey,
     UpstreamError,
 )
+from backpack_vault.testing import NOW, FakeClock, store_key
 from backpack_vault.vault.client import Provisioner, Vault
-from helpers import NOW, FakeClock, store
 
 
 @dataclass
@@ -121,7 +121,7 @@ def env(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> Ite
 
 @pytest.fixture
 def pair(vault: Vault) -> KeyPair:
-    return store(vault, KeyRef("main", "bot-a"))
+    return store_key(vault, KeyRef("main", "bot-a"))
 
 
 ROUTES = [
@@ -206,7 +206,7 @@ class TestAuth:
     @pytest.mark.parametrize("mode", ["copy", "sign"], ids=str)
     def test_a_read_only_key_refuses_order_execute(self, env: Env, vault: Vault, mode: str) -> None:
         """In both modes a read-only key raises AccessDenied for a state-changing request."""
-        store(vault, KeyRef("main", "viewer"), read_only=True)
+        store_key(vault, KeyRef("main", "viewer"), read_only=True)
         auth = env.client().auth("main/viewer", mode=mode)  # type: ignore[arg-type]
         with (
             httpx.Client(transport=httpx.MockTransport(FakeBackpack()), auth=auth) as backpack,
@@ -272,7 +272,7 @@ class TestErrors:
         self, env: Env, vault: Vault, status: Status, error: type[KeyNotUsable], call: str
     ) -> None:
         """KeyPending, KeyRevoked and KeyRetired are distinct KeyNotUsable subclasses."""
-        store(vault, KeyRef("main", "old"), status=status)
+        store_key(vault, KeyRef("main", "old"), status=status)
         client = env.client()
         attempt: Callable[[], object] = {
             "copy": lambda: client.copy("main/old"),

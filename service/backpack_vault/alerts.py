@@ -17,9 +17,9 @@ import httpx
 import stamina
 import structlog
 
-from backpack_vault.checks import CheckResult
 from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRecord
+from backpack_vault.core.verdicts import CheckResult
 
 __all__ = ["Webhook", "status_change_payload"]
 

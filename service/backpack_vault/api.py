@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -31,13 +31,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backpack_vault.backpack.instructions import is_known
-from backpack_vault.broker import Broker, KeyInfo, ReadOnlyKey
+from backpack_vault.broker import Broker, KeyInfo
 from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
     InvalidInput,
     KeyNotUsable,
+    MethodNotAllowed,
+    NotFound,
     RateLimited,
+    ReadOnlyKey,
+    ReportsLimited,
     ServiceError,
     UpstreamError,
     VaultUnavailable,
@@ -60,25 +64,6 @@ _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 _KEY_SEEN: Final = frozenset({"ok", KeyNotUsable.code, ReadOnlyKey.code})
 
 
-class ReportsLimited(RateLimited):
-    def __init__(self, key: KeyRef, interval_s: float, retry_after_s: float) -> None:
-        super().__init__(
-            f"a report for {key} was accepted moments ago and a check is on its way; reports "
-            f"are limited to one per {interval_s:g}s per key"
-        )
-        self.retry_after_s = retry_after_s
-
-
-class _NotFound(ServiceError):
-    http_status: ClassVar[int] = 404
-    code: ClassVar[str] = "not_found"
-
-
-class _MethodNotAllowed(ServiceError):
-    http_status: ClassVar[int] = 405
-    code: ClassVar[str] = "method_not_allowed"
-
-
 def error_response(exc: ServiceError) -> JSONResponse:
     """The one translation of our errors into HTTP: ``{"error": {"code", "message"}}``."""
     error: dict[str, str] = {"code": exc.code, "message": exc.message}
@@ -91,7 +76,7 @@ def error_response(exc: ServiceError) -> JSONResponse:
             f"shortly ({exc.message})"
         )
         headers["Retry-After"] = "1"
-    if isinstance(exc, ReportsLimited):
+    if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     return JSONResponse({"error": error}, status_code=exc.http_status, headers=headers)
 
@@ -176,7 +161,7 @@ class _RateLimiter:
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
-            raise ReportsLimited(key, self._interval, self._interval - (now - last))
+            raise ReportsLimited(str(key), self._interval, self._interval - (now - last))
         if len(self._last) > 10_000:  # noqa: PLR2004 - a bound, not a tunable
             self._last = {k: t for k, t in self._last.items() if now - t < self._interval}
         self._last[key] = now
@@ -348,9 +333,9 @@ class _Api:
 async def _http_error(_request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 404:  # noqa: PLR2004
-        return error_response(_NotFound("no such route; see DESIGN.md for the worker API"))
+        return error_response(NotFound("no such route; see DESIGN.md for the worker API"))
     if status == 405:  # noqa: PLR2004
-        return error_response(_MethodNotAllowed("this route does not accept that method"))
+        return error_response(MethodNotAllowed("this route does not accept that method"))
     return _internal_error()
 
 

@@ -33,8 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from backpack_vault.backpack.instructions import (
     ENDPOINTS,
@@ -44,13 +43,14 @@ from backpack_vault.backpack.instructions import (
 )
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
 from backpack_vault.config import BrokerSettings, Secret
+from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status
 from backpack_vault.errors import (
-    CallerError,
     InvalidInput,
     KeyNotUsable,
     NotAuthenticated,
     NotPermitted,
+    ReadOnlyKey,
     ServiceError,
     UnknownKey,
 )
@@ -65,9 +65,7 @@ __all__ = [
     "Handout",
     "KeyInfo",
     "Ledger",
-    "ReadOnlyKey",
     "Signature",
-    "iso_utc",
 ]
 
 log = get_logger("backpack_vault.broker")
@@ -79,26 +77,6 @@ _MAX_CACHED: Final = 10_000
 _IDENTITY_TTL_S: Final = 300.0
 # A pre-wrapped copy is handed out only while most of its wrapping TTL is left.
 _SPARE_MAX_AGE: Final = 0.25
-
-
-class ReadOnlyKey(NotPermitted):
-    """A read-only key was asked to sign an instruction that changes account state."""
-
-    code: ClassVar[str] = "read_only_key"
-
-    def __init__(self, key: str, instruction: str) -> None:
-        CallerError.__init__(
-            self,
-            f"key {key} is read-only: it is never signed for {instruction}, which changes "
-            "account state (whatever the Vault policy grants); use a trading key",
-        )
-        self.key = key
-        self.grant = f"sign/{instruction}"
-
-
-def iso_utc(epoch_s: float) -> str:
-    """ISO 8601 UTC with a ``Z``, to the second: ``2025-01-31T12:00:00Z``."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- the ledger of unclaimed copies (pure) -----------------------------------------------

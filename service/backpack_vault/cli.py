@@ -16,7 +16,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -24,6 +23,7 @@ import click
 
 from backpack_vault import __version__
 from backpack_vault.config import Secret, Settings, load_from_os
+from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import (
     KeyRecord,
     KeyRef,
@@ -32,7 +32,14 @@ from backpack_vault.core.keys import (
     generate_pair,
     parse_key_pair,
 )
-from backpack_vault.errors import ConfigError, InvalidInput, KeyNotUsable, ServiceError
+from backpack_vault.errors import (
+    ConfigError,
+    ExchangeUnavailable,
+    InvalidInput,
+    KeyNotUsable,
+    KeyRejected,
+    ServiceError,
+)
 from backpack_vault.logging import configure as configure_logging
 from backpack_vault.vault.client import Vault
 
@@ -43,7 +50,7 @@ MAX_SECRET_INPUT = 4096
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return iso_utc()
 
 
 class Context:
@@ -263,7 +270,12 @@ def keys_delete(ctx: Context, key: KeyRef, yes: bool) -> None:
     click.echo(f"deleted {key}")
 
 
-_VERDICT_EXIT = {"VALID": 0, "UNKNOWN": 11, "REJECTED": 12, "MISCONFIGURED": 3}
+_VERDICT_EXIT = {
+    "VALID": 0,
+    "UNKNOWN": ExchangeUnavailable.exit_code,
+    "REJECTED": KeyRejected.exit_code,
+    "MISCONFIGURED": InvalidInput.exit_code,
+}
 
 
 @keys.command("check")

@@ -23,6 +23,7 @@ import httpx
 import structlog
 
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Signer
+from backpack_vault.core.verdicts import ProbeResponse
 from backpack_vault.errors import ExchangeUnavailable
 
 __all__ = [
@@ -41,29 +42,6 @@ PROBE_PATH: Final = "/api/v1/account"
 PROBE_INSTRUCTION: Final = "accountQuery"
 _MESSAGE_CHARS: Final = 200
 _HTTP_OK: Final = 200
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResponse:
-    """What one request to Backpack came back with; fit for logs and audit."""
-
-    status: int | None  # None when no HTTP answer arrived
-    code: str = ""
-    message: str = ""
-    is_object: bool = False  # the body parsed as a JSON object
-    network_error: str = ""  # exception class name, e.g. "ConnectTimeout"
-    retry_after_s: float | None = None
-    elapsed_ms: float = 0.0
-
-    @property
-    def network_failure(self) -> bool:
-        return self.status is None
-
-    def describe(self) -> str:
-        if self.network_failure:
-            return f"no answer ({self.network_error})"
-        parts = [str(self.status), self.code, self.message]
-        return " ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ import nacl.exceptions
 import nacl.signing
 
 from backpack_vault.config import Secret
-from backpack_vault.errors import InvalidInput
+from backpack_vault.core.keys import parse_seed
+from backpack_vault.errors import InvalidInput, KeyMismatch
 
 __all__ = [
     "DEFAULT_WINDOW_MS",
@@ -35,7 +36,6 @@ __all__ = [
 
 DEFAULT_WINDOW_MS: Final = 5000
 MAX_WINDOW_MS: Final = 60000
-_SEED_BYTES: Final = 32
 
 Scalar = str | int | bool
 Params = Mapping[str, Scalar] | Sequence[Mapping[str, Scalar]]
@@ -103,12 +103,10 @@ class Signer:
     __slots__ = ("_key", "api_key")
 
     def __init__(self, api_key: str, api_secret: str | Secret) -> None:
-        self._key = _decode_seed(
-            api_secret.reveal() if isinstance(api_secret, Secret) else api_secret
-        )
+        self._key = nacl.signing.SigningKey(parse_seed(api_secret))
         derived = base64.b64encode(bytes(self._key.verify_key)).decode("ascii")
         if derived != api_key:
-            raise InvalidInput("API secret does not belong to this API key")
+            raise KeyMismatch
         self.api_key = api_key
 
     def __repr__(self) -> str:
@@ -131,16 +129,6 @@ class Signer:
             "X-Timestamp": str(timestamp_ms),
             "X-Window": str(window_ms),
         }
-
-
-def _decode_seed(api_secret: str) -> nacl.signing.SigningKey:
-    try:
-        seed = base64.b64decode(api_secret.strip(), validate=True)
-    except ValueError:
-        raise InvalidInput("API secret is not standard base64") from None
-    if len(seed) != _SEED_BYTES:
-        raise InvalidInput(f"API secret decodes to {len(seed)} bytes; Backpack secrets are 32")
-    return nacl.signing.SigningKey(seed)
 
 
 def sign_request(

@@ -35,7 +35,7 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Final, Literal, Self
+from typing import Any, Final, Literal, Self
 from urllib.parse import quote
 
 import httpx
@@ -45,15 +45,20 @@ from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
 from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
+    AccessDenied,
+    BrokerUnavailable,
     ConfigError,
+    CopyUnavailable,
     InvalidInput,
     KeyNotUsable,
+    KeyPending,
+    KeyRetired,
+    KeyRevoked,
     NotAuthenticated,
-    NotPermitted,
     RateLimited,
     ServiceError,
     UnknownKey,
-    UpstreamError,
+    not_usable,
 )
 
 __all__ = [
@@ -72,47 +77,6 @@ __all__ = [
 REFRESH_FRACTION: Final = 2 / 3
 REPORT_EVERY_S: Final = 10.0
 _REJECTION_CODES: Final = frozenset({"UNAUTHORIZED", "INVALID_SIGNATURE", "FORBIDDEN"})
-
-
-class KeyPending(KeyNotUsable):
-    """The key waits for Backpack to accept it (register its public key in the web UI)."""
-
-
-class KeyRevoked(KeyNotUsable):
-    """Backpack no longer accepts the key; an operator must create a new one."""
-
-
-class KeyRetired(KeyNotUsable):
-    """An operator retired the key; it is never handed out again."""
-
-
-class AccessDenied(NotPermitted):
-    """Vault policy gives this worker no such grant, or the key is read-only."""
-
-    def __init__(self, key: str, message: str, *, grant: str = "") -> None:
-        ServiceError.__init__(self, message)
-        self.key = key
-        self.grant = grant
-
-
-class BrokerUnavailable(UpstreamError):
-    """The daemon (or Vault behind it) cannot answer now; retrying later may help."""
-
-    http_status: ClassVar[int] = 503
-    code: ClassVar[str] = "broker_unavailable"
-
-
-class CopyUnavailable(UpstreamError):
-    """The wrapping token could not be unwrapped: used, expired or revoked (key retired?)."""
-
-    code: ClassVar[str] = "copy_unavailable"
-
-
-_NOT_USABLE: Final[dict[str, type[KeyNotUsable]]] = {
-    "pending": KeyPending,
-    "revoked": KeyRevoked,
-    "retired": KeyRetired,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +138,7 @@ def _error_from(response: httpx.Response, key: str) -> ServiceError:  # noqa: PL
         return UnknownKey(key)
     if status == 409 and code == KeyNotUsable.code:  # noqa: PLR2004
         key_status = str(error.get("status", ""))
-        return _NOT_USABLE.get(key_status, KeyNotUsable)(key, key_status)
+        return not_usable(key, key_status)
     if status == 429:  # noqa: PLR2004
         return RateLimited(message)
     if status == 422:  # noqa: PLR2004

@@ -22,7 +22,7 @@ import nacl.exceptions
 import nacl.signing
 
 from backpack_vault.config import Secret
-from backpack_vault.errors import InvalidInput, KeyNotUsable
+from backpack_vault.errors import InvalidInput, KeyMismatch, KeyNotUsable
 
 __all__ = [
     "KeyPair",
@@ -130,8 +130,9 @@ def parse_api_key(text: str) -> str:
     return text
 
 
-def _parse_seed(secret: Secret) -> bytes:
-    text = secret.reveal().strip()
+def parse_seed(secret: Secret | str) -> bytes:
+    """The 32-byte Ed25519 seed of an API secret, strictly validated; the one seed parser."""
+    text = (secret.reveal() if isinstance(secret, Secret) else secret).strip()
     raw = _strict_b64("API secret", text, _SECRET_HINT)
     if len(raw) == 2 * KEY_BYTES:
         raise InvalidInput(
@@ -161,13 +162,10 @@ class KeyPair:
 def parse_key_pair(api_key: str, secret: Secret) -> KeyPair:
     """Validate both halves strictly and check that the secret derives the key."""
     api_key = parse_api_key(api_key)
-    seed = _parse_seed(secret)
+    seed = parse_seed(secret)
     derived = base64.b64encode(bytes(nacl.signing.SigningKey(seed).verify_key)).decode("ascii")
     if derived != api_key:
-        raise InvalidInput(
-            "API secret does not belong to this API key: check that both were copied from the "
-            "same key in the Backpack web UI"
-        )
+        raise KeyMismatch
     return KeyPair(api_key, Secret(base64.b64encode(seed).decode("ascii")))
 
 

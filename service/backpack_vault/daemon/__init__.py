@@ -43,9 +43,10 @@ from backpack_vault.alerts import Webhook
 from backpack_vault.api import ReportCallback, create_app
 from backpack_vault.backpack.rest import Exchange
 from backpack_vault.broker import Broker
-from backpack_vault.checks import Checker, CheckResult, Lease, RequestBudget
+from backpack_vault.checks import Checker, Lease, RequestBudget
 from backpack_vault.config import Settings
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status
+from backpack_vault.core.verdicts import CheckResult
 from backpack_vault.daemon.serving import make_server
 from backpack_vault.errors import ConfigError, ServiceError, UnknownKey, VaultUnavailable
 from backpack_vault.logging import get_logger

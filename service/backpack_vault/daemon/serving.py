@@ -6,6 +6,7 @@ the same way, so SIGTERM handling and readiness waiting live here once.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from types import TracebackType
@@ -15,7 +16,14 @@ import uvicorn
 
 from backpack_vault.errors import ServiceError
 
-__all__ = ["ServerThread", "make_server"]
+__all__ = ["ServerThread", "free_port", "make_server"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def make_server(app: Any, host: str, port: int, *, graceful_s: int = 10) -> uvicorn.Server:
@@ -37,8 +45,6 @@ class ServerThread:
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         if port == 0:
-            from backpack_vault.dev.vault import free_port  # noqa: PLC0415
-
             port = free_port()
         self.host = host
         self.port = port

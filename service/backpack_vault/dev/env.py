@@ -35,19 +35,20 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, ClassVar, Final, TextIO
+from typing import Any, Final, TextIO
 
 import httpx
 
 from backpack_vault.client.broker import BrokerClient
 from backpack_vault.config import FIELDS, Secret, Settings, VaultSettings, environ_snapshot
+from backpack_vault.core.clock import iso_utc, wait_for
 from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
 from backpack_vault.daemon import capture_signals
-from backpack_vault.dev.vault import DevVault, free_port
-from backpack_vault.errors import KeyNotUsable, ServiceError, UnknownKey
+from backpack_vault.daemon.serving import free_port
+from backpack_vault.dev.vault import DevVault
+from backpack_vault.errors import DevError, Interrupted, KeyNotUsable, ServiceError, UnknownKey
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Provisioner, Vault
 from backpack_vault.vault.setup import DAEMON_POLICY, render_worker_policy, setup
@@ -81,19 +82,6 @@ CHILD_STOP_S: Final = 15.0
 _LOG_TAIL_LINES: Final = 5
 
 
-class DevError(ServiceError):
-    """Something the embedded default needs did not happen; the message says what and where."""
-
-
-class Interrupted(ServiceError):
-    """SIGINT or SIGTERM arrived before the environment was ready (or during the tour)."""
-
-    exit_code: ClassVar[int] = 130
-
-    def __init__(self) -> None:
-        super().__init__("interrupted")
-
-
 @dataclass(frozen=True, slots=True)
 class DevOptions:
     tour: bool = False
@@ -122,7 +110,7 @@ def _preferred_port(port: int) -> int:
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return iso_utc()
 
 
 def _connect_host(host: str) -> str:
@@ -283,14 +271,12 @@ class DevEnv:
 
     def _poll(self, condition: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
         """Call ``condition`` until it holds (True) or ``timeout`` passes (False)."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def check() -> bool:
             self._check()
-            if condition():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            self.stop.wait(every)
+            return condition()
+
+        return wait_for(check, timeout, every=every, sleep=self.stop.wait)
 
     # -- servers ------------------------------------------------------------------------
 

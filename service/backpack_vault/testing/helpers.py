@@ -1,0 +1,87 @@
+"""Helpers for tests of code that uses backpack-vault (ours included): a clock, a poll, keys."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from backpack_vault.core.clock import iso_utc, wait_for
+from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.vault.client import Vault
+
+__all__ = ["NOW", "FakeClock", "make_record", "now_iso", "store_key", "wait_until"]
+
+NOW = "2025-01-01T00:00:00Z"
+
+
+class FakeClock:
+    """A clock tests move by hand: ``clock()`` is epoch seconds, ``clock.advance(5)``."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> float:
+    """Poll until ``condition`` holds and return the seconds it took; AssertionError after
+    ``timeout``."""
+    started = time.monotonic()
+    if not wait_for(condition, timeout):
+        raise AssertionError(f"{what}: not within {timeout:g} s")
+    return time.monotonic() - started
+
+
+def make_record(
+    ref: KeyRef,
+    api_key: str,
+    *,
+    status: Status = Status.ACTIVE,
+    read_only: bool = False,
+    origin: Origin = Origin.BACKPACK_UI,
+    now: str = NOW,
+    label: str = "",
+) -> KeyRecord:
+    """A key record as intake makes it, with ``status`` set (active unless told)."""
+    record = KeyRecord.new(ref, api_key, origin=origin, now=now, read_only=read_only, label=label)
+    if record.status is status:
+        return record
+    return KeyRecord(
+        ref=record.ref,
+        api_key=record.api_key,
+        read_only=record.read_only,
+        status=status,
+        origin=record.origin,
+        created_at=record.created_at,
+        status_since=record.status_since,
+        label=record.label,
+    )
+
+
+def store_key(
+    vault: Vault,
+    ref: KeyRef,
+    *,
+    status: Status = Status.ACTIVE,
+    read_only: bool = False,
+    pair: KeyPair | None = None,
+    origin: Origin = Origin.BACKPACK_UI,
+) -> KeyPair:
+    """Store a key as ``keys add`` would (a fresh pair unless one is given); return the pair."""
+    pair = pair or generate_pair()
+    vault.create_key(
+        make_record(ref, pair.api_key, status=status, read_only=read_only, origin=origin),
+        pair.secret,
+    )
+    return pair
+
+
+def now_iso() -> str:
+    """Now, in the one timestamp format."""
+    return iso_utc()
