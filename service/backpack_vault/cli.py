@@ -22,7 +22,7 @@ from typing import ParamSpec, TypeVar
 import click
 
 from backpack_vault import __version__
-from backpack_vault.config import Secret, Settings, load_from_os
+from backpack_vault.config import Secret, Settings, load_from_os, read_secret_file
 from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import (
     KeyRecord,
@@ -125,10 +125,7 @@ def keys() -> None:
 
 def _read_secret(secret_file: Path | None) -> Secret:
     if secret_file is not None:
-        try:
-            text = secret_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInput(f"cannot read --secret-file {secret_file}: {exc.strerror}") from None
+        text = read_secret_file(secret_file, "--secret-file", error=InvalidInput).reveal()
     elif sys.stdin.isatty():
         text = click.prompt("API secret (input hidden)", hide_input=True, err=True)
     else:

@@ -317,3 +317,23 @@ def load_from_os(
 def environ_snapshot() -> dict[str, str]:
     """A copy of the process environment, for the few places that pass it on (child processes)."""
     return dict(os.environ)
+
+
+def read_secret_file(
+    path: str | Path | None, what: str, *, error: type[Exception] = ConfigError
+) -> Secret:
+    """The stripped contents of a file holding one secret (a token, a secret-id, a JWT, a key).
+
+    ``what`` names the setting or flag in the message; ``error`` is raised (default
+    ``ConfigError``) when the path is unset, unreadable or the file is empty. Read on
+    every call: Vault Agent and Kubernetes rewrite such files in place.
+    """
+    if not path:
+        raise error(f"{what} is not set")
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise error(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise error(f"{what}: {path} is empty")
+    return Secret(value)

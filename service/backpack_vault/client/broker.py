@@ -42,7 +42,7 @@ import httpx
 
 from backpack_vault.backpack.instructions import is_state_changing, lookup
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
-from backpack_vault.config import Secret
+from backpack_vault.config import Secret, read_secret_file
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
     AccessDenied,
@@ -206,15 +206,8 @@ class BrokerClient:
             return self._token
         if self._token_file is None:  # pragma: no cover - __init__ requires one of the two
             raise ConfigError("no Vault token and no token file")
-        try:  # read each time: Vault Agent rewrites the file when it renews or logs in again
-            value = self._token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read the token file {self._token_file}: {exc.strerror}"
-            ) from None
-        if not value:
-            raise ConfigError(f"the token file {self._token_file} is empty")
-        return Secret(value)
+        # Read each time: Vault Agent rewrites the file when it renews or logs in again.
+        return read_secret_file(self._token_file, "the token file")
 
     def _call(self, method: str, key: KeyRef, suffix: str, body: Any = None) -> Any:
         path = f"/v1/keys/{quote(key.subaccount)}/{quote(key.name)}{suffix}"

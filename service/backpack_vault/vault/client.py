@@ -18,14 +18,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import hvac
 import hvac.exceptions
 import requests
 
-from backpack_vault.config import Secret, VaultSettings
+from backpack_vault.config import Secret, VaultSettings, read_secret_file
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status, can_transition
 from backpack_vault.errors import (
     ConfigError,
@@ -185,16 +184,18 @@ class Vault:
                     )
                 self._client.token = s.token.reveal()
             elif s.auth == "token-file":
-                self._client.token = _read_secret_file(s.token_file, "BACKPACK_VAULT_TOKEN_FILE")
+                self._client.token = read_secret_file(
+                    s.token_file, "BACKPACK_VAULT_TOKEN_FILE"
+                ).reveal()
             elif s.auth == "approle":
                 if not s.approle_role_id:
                     raise ConfigError("AppRole login needs BACKPACK_VAULT_APPROLE_ROLE_ID")
                 secret_id = (
                     s.approle_secret_id.reveal()
                     if s.approle_secret_id
-                    else _read_secret_file(
+                    else read_secret_file(
                         s.approle_secret_id_file, "BACKPACK_VAULT_APPROLE_SECRET_ID(_FILE)"
-                    )
+                    ).reveal()
                 )
                 self._client.auth.approle.login(
                     role_id=s.approle_role_id,
@@ -204,7 +205,9 @@ class Vault:
             elif s.auth == "kubernetes":
                 if not s.kubernetes_role:
                     raise ConfigError("Kubernetes login needs BACKPACK_VAULT_KUBERNETES_ROLE")
-                jwt = _read_secret_file(s.kubernetes_jwt_file, "BACKPACK_VAULT_KUBERNETES_JWT_FILE")
+                jwt = read_secret_file(
+                    s.kubernetes_jwt_file, "BACKPACK_VAULT_KUBERNETES_JWT_FILE"
+                ).reveal()
                 self._client.auth.kubernetes.login(
                     role=s.kubernetes_role, jwt=jwt, mount_point=s.auth_mount or "kubernetes"
                 )
@@ -626,18 +629,6 @@ class Provisioner:
             except hvac.exceptions.InvalidPath:
                 body = None
         return frozenset(((body or {}).get("data") or {}).get("keys") or ())
-
-
-def _read_secret_file(path: str | None, setting: str) -> str:
-    if not path:
-        raise ConfigError(f"{setting} is not set")
-    try:
-        value = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
-    if not value:
-        raise ConfigError(f"{setting}: {path} is empty")
-    return value
 
 
 def _record(ref: KeyRef, meta: Mapping[str, str], version: int) -> KeyRecord:
