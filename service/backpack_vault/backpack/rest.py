@@ -23,7 +23,7 @@ import httpx
 import structlog
 
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Signer
-from backpack_vault.core.verdicts import ProbeResponse
+from backpack_vault.core.verdicts import ProbeResponse, parse_answer
 from backpack_vault.errors import ExchangeUnavailable
 
 __all__ = [
@@ -161,28 +161,9 @@ def _json_object(text: str) -> dict[str, object]:
 
 
 def _record(response: httpx.Response, elapsed_ms: float) -> ProbeResponse:
-    text = response.text
-    try:
-        body: object = json.loads(text)
-    except ValueError:
-        body = None
-    code = message = ""
-    if isinstance(body, dict):
-        code = body["code"] if isinstance(body.get("code"), str) else ""
-        message = body["message"] if isinstance(body.get("message"), str) else ""
-    elif not response.is_success:
-        # Plain-text error bodies (Backpack before 2024-10-15) are the message itself.
-        message = text.strip()
-    retry_after: float | None = None
-    try:
-        retry_after = float(response.headers["retry-after"])
-    except (KeyError, ValueError):
-        retry_after = None
-    return ProbeResponse(
-        status=response.status_code,
-        code=code[:_MESSAGE_CHARS],
-        message=message[:_MESSAGE_CHARS],
-        is_object=isinstance(body, dict),
-        retry_after_s=retry_after,
+    return parse_answer(
+        response.status_code,
+        response.text,
+        retry_after=response.headers.get("retry-after"),
         elapsed_ms=elapsed_ms,
     )

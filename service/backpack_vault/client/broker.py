@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 from urllib.parse import quote
@@ -44,6 +45,7 @@ from backpack_vault.backpack.instructions import is_state_changing, lookup
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
 from backpack_vault.config import Secret, read_secret_file
 from backpack_vault.core.keys import KeyRef
+from backpack_vault.core.verdicts import is_key_rejection, parse_answer
 from backpack_vault.errors import (
     AccessDenied,
     BrokerUnavailable,
@@ -76,7 +78,6 @@ __all__ = [
 
 REFRESH_FRACTION: Final = 2 / 3
 REPORT_EVERY_S: Final = 10.0
-_REJECTION_CODES: Final = frozenset({"UNAUTHORIZED", "INVALID_SIGNATURE", "FORBIDDEN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,41 +131,28 @@ def _error_from(response: httpx.Response, key: str) -> ServiceError:  # noqa: PL
         error, code = {}, ""
         message = f"the broker answered {response.status_code} without an error body"
     status = response.status_code
-    if status == 401:  # noqa: PLR2004
+    if status == HTTPStatus.UNAUTHORIZED:
         return NotAuthenticated(message)
-    if status == 403:  # noqa: PLR2004
+    if status == HTTPStatus.FORBIDDEN:
         return AccessDenied(key, message)
-    if status == 404 and code == UnknownKey.code:  # noqa: PLR2004
+    if status == HTTPStatus.NOT_FOUND and code == UnknownKey.code:
         return UnknownKey(key)
-    if status == 409 and code == KeyNotUsable.code:  # noqa: PLR2004
+    if status == HTTPStatus.CONFLICT and code == KeyNotUsable.code:
         key_status = str(error.get("status", ""))
         return not_usable(key, key_status)
-    if status == 429:  # noqa: PLR2004
+    if status == HTTPStatus.TOO_MANY_REQUESTS:
         return RateLimited(message)
-    if status == 422:  # noqa: PLR2004
+    if status == HTTPStatus.UNPROCESSABLE_ENTITY:
         return InvalidInput(message)
-    if status >= 500:  # noqa: PLR2004
+    if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         return BrokerUnavailable(f"the broker cannot answer now ({status}): {message}")
     return ServiceError(f"the broker answered {status}: {message}")
 
 
 def is_rejection(response: httpx.Response) -> bool:
-    """Whether a Backpack answer means the key itself was refused (not a clock or order problem)."""
-    if response.status_code not in (400, 401, 403):
-        return False
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    code = str(body.get("code", "")) if isinstance(body, dict) else ""
-    message = str(body.get("message", "")) if isinstance(body, dict) else response.text
-    if "expired" in message.lower():  # a clock problem: the key is fine
-        return False
-    if code in _REJECTION_CODES:
-        return True
-    if code == "INVALID_CLIENT_REQUEST":
-        return "signature" in message.lower()
-    return response.status_code in (401, 403)
+    """Whether a Backpack answer means the key itself was refused (not a clock or order
+    problem): the verdict table the daemon's checks use, for an ordinary request."""
+    return is_key_rejection(parse_answer(response.status_code, response.text))
 
 
 class BrokerClient:
@@ -222,7 +210,7 @@ class BrokerClient:
             raise BrokerUnavailable(
                 f"the broker at {self.url} is unreachable: {type(exc).__name__}"
             ) from None
-        if response.status_code >= 300:  # noqa: PLR2004
+        if not response.is_success:
             raise _error_from(response, str(key))
         try:
             return response.json()
@@ -266,12 +254,12 @@ class BrokerClient:
             raise BrokerUnavailable(
                 f"Vault at {self.vault_addr} is unreachable for unwrapping: {type(exc).__name__}"
             ) from None
-        if response.status_code in (400, 403):
+        if response.status_code in (HTTPStatus.BAD_REQUEST, HTTPStatus.FORBIDDEN):
             raise CopyUnavailable(
                 f"the copy of {ref} could not be unwrapped: its wrapping token was already used, "
                 "expired or was revoked (the key may have been retired or revoked)"
             )
-        if response.status_code != 200:  # noqa: PLR2004
+        if response.status_code != HTTPStatus.OK:
             raise BrokerUnavailable(f"Vault answered {response.status_code} to unwrap")
         try:
             data = response.json()["data"]

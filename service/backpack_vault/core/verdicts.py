@@ -9,6 +9,7 @@ second probe before any status changes (docs/verdicts.md). Pure data, no I/O.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,7 +22,11 @@ __all__ = [
     "Rule",
     "Verdict",
     "classify",
+    "is_key_rejection",
+    "parse_answer",
 ]
+
+MESSAGE_CHARS: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,43 @@ class ProbeResponse:
         return " ".join(p for p in parts if p)
 
 
+def parse_answer(
+    status: int,
+    text: str,
+    *,
+    retry_after: str | None = None,
+    elapsed_ms: float = 0.0,
+) -> ProbeResponse:
+    """A Backpack answer (status and body text) as a :class:`ProbeResponse`; the one parser.
+
+    Backpack's JSON error shape is ``{"code", "message"}``; plain-text error bodies
+    (Backpack before 2024-10-15) are the message itself. Code and message are cut
+    to 200 characters.
+    """
+    try:
+        body: object = json.loads(text)
+    except ValueError:
+        body = None
+    code = message = ""
+    if isinstance(body, dict):
+        code = body["code"] if isinstance(body.get("code"), str) else ""
+        message = body["message"] if isinstance(body.get("message"), str) else ""
+    elif not 200 <= status < 300:  # noqa: PLR2004 - the success range
+        message = text.strip()
+    try:
+        retry_after_s = None if retry_after is None else float(retry_after)
+    except ValueError:
+        retry_after_s = None
+    return ProbeResponse(
+        status=status,
+        code=code[:MESSAGE_CHARS],
+        message=message[:MESSAGE_CHARS],
+        is_object=isinstance(body, dict),
+        retry_after_s=retry_after_s,
+        elapsed_ms=elapsed_ms,
+    )
+
+
 class Verdict(enum.StrEnum):
     VALID = "VALID"
     REJECTED = "REJECTED"
@@ -69,8 +111,14 @@ class Rule:
     network: bool = False  # matches only "no HTTP answer"; every other row needs one
     resync: bool = False  # resync the clock and retry once (row 5)
     alert: bool = False
+    # Outside the liveness probe (no parameters, a verified signature) the same answer
+    # may be about the order, not the key (SPEC.md section 8): there the row also needs
+    # this substring in the message.
+    off_probe_message: str = ""
 
-    def matches(self, r: ProbeResponse) -> bool:
+    def matches(self, r: ProbeResponse, *, probe: bool = True) -> bool:
+        if not probe and self.off_probe_message not in r.message.lower():
+            return False
         if r.network_failure or self.network:
             return r.network_failure and self.network
         status_hit = r.status in self.statuses
@@ -102,7 +150,7 @@ VERDICT_TABLE: Final[tuple[Rule, ...]] = (
          codes=frozenset({"SERVER_ERROR", "TIMEOUT"}), either=True),
     Rule(5, Verdict.UNKNOWN, "clock", statuses=_span(400, 499), message="expired", resync=True),
     Rule(6, Verdict.REJECTED, "signature_rejected", statuses=_AUTH_STATUSES,
-         codes=frozenset({"INVALID_CLIENT_REQUEST"})),
+         codes=frozenset({"INVALID_CLIENT_REQUEST"}), off_probe_message="signature"),
     Rule(7, Verdict.REJECTED, "key_rejected", statuses=_AUTH_STATUSES,
          codes=frozenset({"UNAUTHORIZED", "INVALID_SIGNATURE", "FORBIDDEN"})),
     Rule(8, Verdict.REJECTED, "account_deactivated", statuses=_AUTH_STATUSES,
@@ -113,9 +161,19 @@ VERDICT_TABLE: Final[tuple[Rule, ...]] = (
 )  # fmt: skip
 
 
-def classify(response: ProbeResponse) -> Rule:
-    """The first row of :data:`VERDICT_TABLE` that matches (row 10 or 11 always does)."""
-    return next(rule for rule in VERDICT_TABLE if rule.matches(response))
+def classify(response: ProbeResponse, *, probe: bool = True) -> Rule:
+    """The first row of :data:`VERDICT_TABLE` that matches (row 10 or 11 always does).
+
+    ``probe=False`` classifies the answer to any other request (a bot's order, say):
+    row 6 then also needs ``signature`` in the message (see ``Rule.off_probe_message``).
+    """
+    return next(rule for rule in VERDICT_TABLE if rule.matches(response, probe=probe))
+
+
+def is_key_rejection(response: ProbeResponse) -> bool:
+    """Whether an answer to any signed request means Backpack refused the key itself
+    (not a clock, order or server problem): a REJECTED row of the same table."""
+    return classify(response, probe=False).verdict is Verdict.REJECTED
 
 
 @dataclass(frozen=True, slots=True)
