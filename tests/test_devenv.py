@@ -117,20 +117,48 @@ def test_tour_shows_every_step_stops_everything_and_exits_0(tmp_path: Path) -> N
 def test_tour_against_an_existing_vault_leaves_no_key_behind(
     tmp_path: Path, dev_vault: DevVault, vault: Vault, kv_prefix: str
 ) -> None:
-    """With VAULT_ADDR and VAULT_TOKEN set, dev starts no server and cleans up after itself."""
+    """With --vault-addr (and VAULT_TOKEN), dev starts no server, says so in its first line,
+    and cleans up after itself."""
     done, _ = run_tour(
         tmp_path,
-        VAULT_ADDR=dev_vault.addr,
+        "--vault-addr",
+        dev_vault.addr,
         VAULT_TOKEN=dev_vault.root_token.reveal(),
         BACKPACK_VAULT_KV_PREFIX=kv_prefix,
         BACKPACK_VAULT_GRANT_PREFIX=f"{kv_prefix}-broker",
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    first = done.stdout.splitlines()[0]
+    assert f"USING THE EXISTING VAULT AT {dev_vault.addr}" in first
     assert_every_step(done.stdout)
     assert f"Vault               {dev_vault.addr}" in done.stdout
     assert len(pids_in(done.stdout.splitlines())) == 2  # sandbox and daemon only
     assert dev_vault.root_token.reveal() not in done.stdout
     assert vault.list_refs() == []  # the demo key was deleted on the way out
+
+
+@pytest.mark.slow
+def test_tour_never_touches_an_exported_vault(tmp_path: Path) -> None:
+    """An operator logged into the team's Vault (VAULT_ADDR and VAULT_TOKEN exported, a
+    webhook configured) runs the tour: dev starts its own server and writes nothing there."""
+    with DevVault() as team:
+        root = {"X-Vault-Token": team.root_token.reveal()}
+        before = httpx.request("LIST", f"{team.addr}/v1/sys/policies/acl", headers=root).json()
+        done, _ = run_tour(
+            tmp_path,
+            VAULT_ADDR=team.addr,
+            VAULT_TOKEN=team.root_token.reveal(),
+            BACKPACK_VAULT_WEBHOOK_URL="http://127.0.0.1:9/team-alerts",
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert_every_step(done.stdout)
+        assert "EXISTING VAULT" not in done.stdout
+        assert len(pids_in(done.stdout.splitlines())) == 3  # its own OpenBao, sandbox, daemon
+        assert team.addr not in done.stdout
+        after = httpx.request("LIST", f"{team.addr}/v1/sys/policies/acl", headers=root).json()
+        assert after["data"]["keys"] == before["data"]["keys"]
+        keys = httpx.request("LIST", f"{team.addr}/v1/secret/metadata/backpack", headers=root)
+        assert keys.status_code == 404  # nothing was stored under the default prefix
 
 
 @pytest.mark.slow

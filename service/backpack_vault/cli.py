@@ -488,6 +488,12 @@ def sandbox_command(listen: str) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Write the servers' logs here and keep them (default: a temporary directory).",
 )
+@click.option(
+    "--vault-addr",
+    metavar="URL",
+    help="Use this running Vault (token from VAULT_TOKEN) instead of a dev server. "
+    "An exported VAULT_ADDR alone is ignored.",
+)
 @pass_ctx
 @handle_errors
 def dev_command(
@@ -497,10 +503,12 @@ def dev_command(
     sandbox_port: int | None,
     check_interval: float | None,
     logs: Path | None,
+    vault_addr: str | None,
 ) -> None:
     """The embedded default: OpenBao dev server, sandbox exchange, daemon, demo key and worker.
 
-    With VAULT_ADDR (and VAULT_TOKEN) set, uses that Vault instead of starting a dev server.
+    Always starts its own OpenBao dev server, whatever VAULT_ADDR says, unless --vault-addr
+    names a Vault explicitly (then the first line of output says so).
     Ctrl-C or SIGTERM stops every process it started. --tour revokes the demo key at the
     sandbox, shows the daemon cutting it off, and exits 0 when every step passed.
     """
@@ -514,6 +522,7 @@ def dev_command(
         sandbox_port=sandbox_port,
         check_interval=check_interval,
         logs=logs,
+        vault_addr=vault_addr,
     )
     sys.exit(devenv.run(settings, options))
 

@@ -89,6 +89,10 @@ class DevOptions:
     sandbox_port: int | None = None  # exactly; None: 8300, else a free port
     check_interval: float | None = None  # None: 10 s, or 1 s with the tour
     logs: Path | None = None  # kept; None: a temporary directory, removed on a clean exit
+    # An existing Vault to use instead of a dev server: only when given explicitly
+    # (--vault-addr). An exported VAULT_ADDR/VAULT_TOKEN is never used: it is often the
+    # team's real Vault, and dev writes a policy, a demo key and tokens.
+    vault_addr: str | None = None
 
 
 # -- small helpers ----------------------------------------------------------------------
@@ -282,10 +286,9 @@ class DevEnv:
 
     def start_vault(self) -> None:
         s = self.settings
-        external = s.vault.addr != VaultSettings().addr or s.vault.token is not None
-        if external:
-            self.vault_settings = s.vault
-            where = f"{s.vault.addr} (VAULT_ADDR; nothing is started)"
+        if self.options.vault_addr is not None:
+            self.vault_settings = dataclasses.replace(s.vault, addr=self.options.vault_addr)
+            where = f"{self.options.vault_addr} (--vault-addr; nothing is started)"
         else:
             server = DevVault(log_path=self.logs / "openbao.log")
             self.stack.callback(server.stop)
@@ -675,6 +678,11 @@ def run(
         stack.enter_context(capture_signals(on_signal))
         env = DevEnv(settings, options, stack, stop, logs, out)
         what = "the tour" if options.tour else "the embedded default"
+        if options.vault_addr is not None:
+            env.say(
+                f"backpack-vault dev: USING THE EXISTING VAULT AT {options.vault_addr} "
+                "(--vault-addr): it writes a dev policy, a demo key and tokens there"
+            )
         env.say(
             f"backpack-vault dev: starting {what} (Vault, sandbox exchange, daemon, demo worker)"
         )
