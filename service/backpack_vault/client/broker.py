@@ -12,17 +12,8 @@ directly (the daemon never sees the plain copy leave), signs locally and
 fetches a fresh copy at about two thirds of its lifetime. ``sign`` mode asks
 the daemon for the four headers of every request; the secret never reaches
 the bot. Either way a Backpack rejection is reported to the daemon, which
-checks the key at once.
-
-Errors (each a subclass of backpack_vault.errors)::
-
-    KeyNotUsable  -> KeyPending, KeyRevoked, KeyRetired   the key's status forbids it (409)
-    NotPermitted  -> AccessDenied                         Vault policy (or a read-only key) (403)
-    NotAuthenticated                                      our Vault token is missing/dead (401)
-    UnknownKey                                            no such key (404)
-    UpstreamError -> BrokerUnavailable                    daemon or Vault unreachable, or 5xx
-                  -> CopyUnavailable                      the wrapping token was already used,
-                                                          expired or revoked before unwrapping
+checks the key at once. Its errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...)
+are in :mod:`backpack_vault.errors`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
     run()
       capture SIGTERM/SIGINT (the handler only sets a flag; every wait below polls it)
-      Vault      an OpenBao dev server (DevVault), or the Vault at VAULT_ADDR with VAULT_TOKEN
-      setup      provision.setup; a daemon token (daemon policy) and a demo worker token
+      Vault      an OpenBao dev server (DevVault), or the one --vault-addr names explicitly
+      setup      vault.setup.setup; a daemon token (daemon policy) and a demo worker token
       sandbox    `python -m backpack_vault sandbox` child on 8300 (else a free port)
       daemon     `python -m backpack_vault serve` child on 8280 (else a free port); /readyz
       demo       1. main/demo generated and stored pending   2. registered at the sandbox,
