@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,23 +20,16 @@ from prometheus_client import CollectorRegistry
 
 from backpack_vault.api import create_app
 from backpack_vault.backpack.signing import signing_string, verify
-from backpack_vault.broker import Broker
+from backpack_vault.broker import COPY, Broker
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
 from backpack_vault.core.keys import KeyPair, KeyRef, Status
 from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ServiceError
+from backpack_vault.events import Cause, KeyStatusChanged
 from backpack_vault.metrics import Metrics
-from backpack_vault.testing import NOW, FakeClock, store_key
+from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
 from backpack_vault.vault.client import Provisioner, Vault
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -89,6 +82,7 @@ def served(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> 
         metrics=Metrics(CollectorRegistry()),
         report=lambda ref, reason: state.reports.append((str(ref), reason)),
         report_interval_s=60,
+        clock=clock,
     )
     with ServerThread(app) as server:
         state.url = server.url
@@ -128,6 +122,19 @@ class TestCopyRoute:
         first = served.unwrap(body["wrap_token"])
         assert first.json()["data"]["api_secret"] == key.secret.reveal()
         assert served.unwrap(body["wrap_token"]).status_code == 400
+
+    @pytest.mark.usefixtures("key")
+    def test_a_key_in_demand_is_copied_from_a_spare(self, served: Served) -> None:
+        """After two quick copies, spares are wrapped off the request path; the next is one."""
+        path = "/v1/keys/main/bot-a/copy"
+        for _ in range(2):
+            assert served.call("POST", path, token=served.root).status_code == 200
+        wait_until(lambda: served.broker.outstanding == 4, what="two spares wrapped")
+        served.clock.advance(1)
+        assert served.broker.answers_from_memory(served.root, KeyRef("main", "bot-a"), COPY)
+        body = served.call("POST", path, token=served.root).json()
+        assert body["wrap_ttl"] == 59  # wrapped a second before it was asked for
+        assert served.unwrap(body["wrap_token"]).status_code == 200
 
 
 class TestSignRoute:
@@ -226,6 +233,19 @@ class TestReportRoute:
         assert int(again.headers["Retry-After"]) >= 1
         assert served.call("POST", path.format("bot-b"), token=served.root).status_code == 202
         assert [r[0] for r in served.reports] == ["main/bot-a", "main/bot-b"]
+
+    @pytest.mark.usefixtures("key")
+    def test_a_key_may_be_reported_again_after_the_interval(self, served: Served) -> None:
+        """The limit is one report per key per report_interval_s (here 60 s), not forever."""
+        path = "/v1/keys/main/bot-a/report"
+        assert served.call("POST", path, token=served.root).status_code == 202
+        served.clock.advance(30)
+        again = served.call("POST", path, token=served.root)
+        assert again.status_code == 429
+        assert again.headers["Retry-After"] == "30"
+        served.clock.advance(30)
+        assert served.call("POST", path, token=served.root).status_code == 202
+        assert len(served.reports) == 2
 
     def test_a_report_for_an_unknown_key_is_404(self, served: Served) -> None:
         """A report names a stored key; an unknown one triggers nothing and labels no metric."""
@@ -437,7 +457,11 @@ class TestNoSecretLeaks:
             for method, path, caller, body in requests:
                 bodies.append(served.call(method, path, token=caller, json=body).text)
             vault.set_status(KeyRef("main", "canary"), Status.RETIRED, now=NOW)
-            served.broker.on_status_change(KeyRef("main", "canary"), Status.RETIRED)
+            served.broker.on_event(
+                KeyStatusChanged(
+                    KeyRef("main", "canary"), Status.ACTIVE, Status.RETIRED, Cause.CHECK
+                )
+            )
             bodies.append(served.call("POST", f"{base}/copy", token=worker).text)
             exceptions: list[str] = []
             for call in (

@@ -7,6 +7,7 @@ policies, tokens and AppRole roles are created there for each scenario.
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,8 +20,9 @@ import pytest
 
 from backpack_vault import sign_request
 from backpack_vault.backpack.signing import signing_string, verify
-from backpack_vault.broker import Broker, Ledger
+from backpack_vault.broker import COPY, Broker
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
+from backpack_vault.core.caches import Ledger
 from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import KeyRef, Status, generate_pair
 from backpack_vault.dev.vault import DevVault
@@ -33,7 +35,8 @@ from backpack_vault.errors import (
     ServiceError,
     UnknownKey,
 )
-from backpack_vault.testing import NOW, FakeClock, store_key
+from backpack_vault.events import Cause, CopiesRevoked, Event, EventBus, KeyStatusChanged
+from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
 from backpack_vault.vault.client import Provisioner, Vault
 
 
@@ -50,21 +53,35 @@ def wrap_token_alive(addr: str, wrap_token: Secret) -> bool:
     return answer.status_code == 200
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.05)
-
-
 def settings(**overrides: Any) -> BrokerSettings:
     return BrokerSettings(**overrides)
 
 
+def retired(ref: KeyRef, old: Status | None = Status.ACTIVE) -> KeyStatusChanged:
+    """The event a check (or an operator action) sends when ``ref`` is retired."""
+    return KeyStatusChanged(ref, old, Status.RETIRED, Cause.CHECK)
+
+
+def revoked_count(events: list[Event], ref: KeyRef) -> int:
+    """How many copies of ``ref`` the CopiesRevoked events in ``events`` report."""
+    return sum(e.count for e in events if isinstance(e, CopiesRevoked) and e.ref == ref)
+
+
+def status_events(events: list[Event]) -> list[KeyStatusChanged]:
+    return [e for e in events if isinstance(e, KeyStatusChanged)]
+
+
 @pytest.fixture
-def broker(vault: Vault, vault_settings: VaultSettings) -> Broker:
-    return Broker(vault, BrokerSettings(), grant_prefix=vault_settings.grant_prefix)
+def events() -> list[Event]:
+    """Everything the ``broker`` fixture emits, in order."""
+    return []
+
+
+@pytest.fixture
+def broker(vault: Vault, vault_settings: VaultSettings, events: list[Event]) -> Broker:
+    return Broker(
+        vault, BrokerSettings(), grant_prefix=vault_settings.grant_prefix, emit=events.append
+    )
 
 
 @pytest.fixture
@@ -77,7 +94,7 @@ def ref(vault: Vault) -> KeyRef:
 class TestLedger:
     def test_pop_key_returns_and_forgets_a_keys_accessors(self) -> None:
         """pop_key hands back every unclaimed accessor of one key and leaves other keys alone."""
-        ledger = Ledger()
+        ledger: Ledger[KeyRef] = Ledger()
         a, b = KeyRef("main", "a"), KeyRef("main", "b")
         ledger.record(a, "acc-1", 100.0, now=0.0)
         ledger.record(a, "acc-2", 100.0, now=0.0)
@@ -88,7 +105,7 @@ class TestLedger:
 
     def test_expired_returns_only_entries_past_their_ttl(self) -> None:
         """expired(now=) forgets and returns the copies whose wrapping tokens ran out."""
-        ledger = Ledger()
+        ledger: Ledger[KeyRef] = Ledger()
         a = KeyRef("main", "a")
         ledger.record(a, "old", 10.0, now=0.0)
         ledger.record(a, "new", 20.0, now=0.0)
@@ -98,18 +115,18 @@ class TestLedger:
 
     def test_record_prunes_expired_entries_of_the_same_key(self) -> None:
         """Recording a copy drops that key's entries that have already expired."""
-        ledger = Ledger()
+        ledger: Ledger[KeyRef] = Ledger()
         a = KeyRef("main", "a")
         ledger.record(a, "old", 10.0, now=0.0)
         ledger.record(a, "new", 40.0, now=30.0)
         assert ledger.pop_key(a) == ["new"]
 
     def test_keys_lists_keys_with_unclaimed_copies(self) -> None:
-        """keys() names every key that still has an entry, sorted."""
-        ledger = Ledger()
+        """keys() names every key that still has an entry."""
+        ledger: Ledger[KeyRef] = Ledger()
         ledger.record(KeyRef("sub", "b"), "x", 10.0, now=0.0)
         ledger.record(KeyRef("main", "a"), "y", 10.0, now=0.0)
-        assert ledger.keys() == [KeyRef("main", "a"), KeyRef("sub", "b")]
+        assert sorted(ledger.keys()) == [KeyRef("main", "a"), KeyRef("sub", "b")]
         assert len(ledger) == 2
 
 
@@ -337,13 +354,20 @@ class TestCopies:
         assert datetime.fromisoformat(expires_at) == datetime.fromtimestamp(1_750_000_900, UTC)
 
     def test_retiring_a_key_revokes_its_unclaimed_copies(
-        self, broker: Broker, ref: KeyRef, vault: Vault, dev_vault: DevVault, root_token: Secret
+        self,
+        broker: Broker,
+        events: list[Event],
+        ref: KeyRef,
+        vault: Vault,
+        dev_vault: DevVault,
+        root_token: Secret,
     ) -> None:
-        """After retirement and on_status_change, outstanding wrapping tokens no longer unwrap."""
+        """After retirement and its event, outstanding wrapping tokens no longer unwrap."""
         handouts = [broker.copy(root_token, ref) for _ in range(2)]
         assert broker.outstanding == 2
         vault.set_status(ref, Status.RETIRED, now=NOW)
-        assert broker.on_status_change(ref, Status.RETIRED) == 2
+        broker.on_event(retired(ref))
+        assert revoked_count(events, ref) == 2
         for handout in handouts:
             assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
         assert broker.outstanding == 0
@@ -589,8 +613,8 @@ class TestCaches:
         """Decisions and identities are keyed by a keyed hash; the token text appears nowhere."""
         broker.copy(root_token, ref)
         broker.sign(root_token, ref, "accountQuery", {})
-        keys = repr(broker._decisions) + repr(broker._identities)
-        assert broker._decisions
+        keys = repr(list(broker._grants.decisions)) + repr(list(broker._grants.identities))
+        assert broker._grants.decisions
         assert root_token.reveal() not in keys
 
     def test_the_worker_identity_is_remembered_with_the_decision(
@@ -606,14 +630,14 @@ class TestCaches:
     def test_a_status_change_drops_the_cached_secret_at_once(
         self, vault: Vault, vault_settings: VaultSettings, ref: KeyRef, root_token: Secret
     ) -> None:
-        """Within the cache window, on_status_change still makes the next request re-read."""
+        """Within the cache window, a status event still makes the next request re-read."""
         broker = Broker(
             vault, settings(secret_cache_s=3600), grant_prefix=vault_settings.grant_prefix
         )
         broker.copy(root_token, ref)
         vault.set_status(ref, Status.RETIRED, now=NOW)
         broker.copy(root_token, ref)  # still cached: nobody told the broker
-        broker.on_status_change(ref, "retired")
+        broker.on_event(retired(ref))
         with pytest.raises(KeyNotUsable, match="retired"):
             broker.sign(root_token, ref, "accountQuery", {})
 
@@ -622,23 +646,46 @@ class TestCaches:
     ) -> None:
         """Two signatures in the window use one loaded key (no second read)."""
         broker.sign(root_token, ref, "accountQuery", {})
-        first = broker._loaded[ref]
+        first = broker._keys.loaded.get(ref, now=time.time())
+        assert first is not None
         broker.sign(root_token, ref, "accountQuery", {})
-        assert broker._loaded[ref] is first
+        assert broker._keys.loaded.get(ref, now=time.time()) is first
+
+
+class CountingVault:
+    """The session's real Vault behind the port, noting each call; ``before`` runs first."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self.calls: list[str] = []
+        self.before: dict[str, Callable[[], None]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.vault, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            hook = self.before.pop(name, None)
+            if hook is not None:
+                hook()
+            return method(*args, **kwargs)
+
+        return call
 
 
 class TestAnswersFromMemory:
     def test_a_key_in_demand_gets_spare_copies(
         self, broker: Broker, ref: KeyRef, dev_vault: DevVault, root_token: Secret
     ) -> None:
-        """After two quick copies, refill wraps spares; copy_now hands one out without Vault."""
-        assert broker.copy_now(root_token, ref) is None
+        """After two quick copies, refill wraps spares; the next copy is one, from memory."""
+        assert not broker.answers_from_memory(root_token, ref, COPY)
         broker.copy(root_token, ref)
         broker.copy(root_token, ref)
         broker.refill(ref)
         assert broker.outstanding == 4
-        spare = broker.copy_now(root_token, ref)
-        assert spare is not None
+        assert broker.answers_from_memory(root_token, ref, COPY)
+        spare = broker.copy(root_token, ref)
+        assert broker.outstanding == 4  # nothing new was wrapped
         assert 0 < spare.wrap_ttl <= 60
         assert unwrap(dev_vault.addr, spare.wrap_token).status_code == 200
         assert unwrap(dev_vault.addr, spare.wrap_token).status_code == 400
@@ -672,35 +719,229 @@ class TestAnswersFromMemory:
         broker.copy(root_token, ref)
         broker.refill(ref)
         clock.advance(15.5)
-        assert broker.copy_now(root_token, ref) is None
+        assert not broker.answers_from_memory(root_token, ref, COPY)
         assert broker.copy(root_token, ref).wrap_ttl == 60
 
     def test_spares_are_revoked_with_their_key(
-        self, broker: Broker, ref: KeyRef, vault: Vault, dev_vault: DevVault, root_token: Secret
+        self,
+        broker: Broker,
+        events: list[Event],
+        ref: KeyRef,
+        vault: Vault,
+        dev_vault: DevVault,
+        root_token: Secret,
     ) -> None:
         """Spares sit in the ledger: retiring the key revokes every one of them."""
         broker.copy(root_token, ref)
         broker.copy(root_token, ref)
         broker.refill(ref)
-        spare = broker.copy_now(root_token, ref)
-        assert spare is not None
+        assert broker.answers_from_memory(root_token, ref, COPY)
+        spare = broker.copy(root_token, ref)
         vault.set_status(ref, Status.RETIRED, now=NOW)
-        assert broker.on_status_change(ref, Status.RETIRED) == 4
+        broker.on_event(retired(ref))
+        assert revoked_count(events, ref) == 4
         assert unwrap(dev_vault.addr, spare.wrap_token).status_code == 400
-        assert broker.copy_now(root_token, ref) is None
+        assert not broker.answers_from_memory(root_token, ref, COPY)
 
-    def test_sign_now_answers_only_from_cached_grants_and_keys(
+    def test_signing_answers_from_memory_once_grant_and_key_are_cached(
         self, broker: Broker, ref: KeyRef, vault: Vault, root_token: Secret
     ) -> None:
-        """sign_now is None until the grant and key are cached; refusals come from the cache."""
-        assert broker.sign_now(root_token, ref, "accountQuery", {}) is None
+        """A signature answers from memory once the grant and key are cached; refusals too."""
+        assert not broker.answers_from_memory(root_token, ref, "sign/accountQuery")
         broker.sign(root_token, ref, "accountQuery", {})
-        assert broker.sign_now(root_token, ref, "accountQuery", {}) is not None
+        assert broker.answers_from_memory(root_token, ref, "sign/accountQuery")
+        assert broker.sign(root_token, ref, "accountQuery", {}).headers["X-Signature"]
         stranger = Provisioner(vault).create_token(["default"])
+        assert not broker.answers_from_memory(stranger, ref, "sign/accountQuery")
         with pytest.raises(NotPermitted):
             broker.sign(stranger, ref, "accountQuery", {})
+        assert broker.answers_from_memory(stranger, ref, "sign/accountQuery")
         with pytest.raises(NotPermitted):
-            broker.sign_now(stranger, ref, "accountQuery", {})
+            broker.sign(stranger, ref, "accountQuery", {})
+
+    def test_what_answers_from_memory_asks_vault_nothing(
+        self, vault: Vault, vault_settings: VaultSettings, ref: KeyRef, root_token: Secret
+    ) -> None:
+        """Whenever answers_from_memory is True, copy or sign answers without a Vault call."""
+        counting = CountingVault(vault)
+        broker = Broker(counting, BrokerSettings(), grant_prefix=vault_settings.grant_prefix)
+        stranger = Provisioner(vault).create_token(["default"])
+        broker.copy(root_token, ref)
+        broker.copy(root_token, ref)
+        broker.refill(ref)
+        broker.sign(root_token, ref, "accountQuery", {})
+        with pytest.raises(NotPermitted):
+            broker.copy(stranger, ref)
+        answered: list[tuple[Secret | None, str, Callable[[], object]]] = [
+            (root_token, COPY, lambda: broker.copy(root_token, ref)),
+            (
+                root_token,
+                "sign/accountQuery",
+                lambda: broker.sign(root_token, ref, "accountQuery", {}),
+            ),
+            (stranger, COPY, lambda: broker.copy(stranger, ref)),
+            (None, COPY, lambda: broker.copy(None, ref)),
+            (root_token, "sign/fooBar", lambda: broker.sign(root_token, ref, "fooBar", {})),
+        ]
+        for token, grant, call in answered:
+            assert broker.answers_from_memory(token, ref, grant), grant
+            counting.calls.clear()
+            with contextlib.suppress(ServiceError):
+                call()
+            assert counting.calls == [], grant
+        assert not broker.answers_from_memory(root_token, ref, "sign/orderExecute")
+        assert not broker.answers_from_memory(Secret("s.unseen"), ref, COPY)
+        assert not broker.answers_from_memory(root_token, KeyRef("main", "other"), COPY)
+
+    def test_a_grant_must_be_copy_or_sign(self, broker: Broker, ref: KeyRef) -> None:
+        """answers_from_memory names the grant as the API does: copy or sign/<instruction>."""
+        with pytest.raises(ValueError, match="grant"):
+            broker.answers_from_memory(Secret("s.x"), ref, "read")
+
+
+class TestStatusEvents:
+    def test_a_status_found_changed_is_emitted_once(
+        self, broker: Broker, events: list[Event], ref: KeyRef, vault: Vault, root_token: Secret
+    ) -> None:
+        """A read that finds a new status emits KeyStatusChanged(OBSERVED) once; others nothing."""
+        broker.copy(root_token, ref)
+        broker.info(root_token, ref)
+        broker.sweep()
+        assert status_events(events) == []
+        vault.set_status(ref, Status.REVOKED, now=NOW, verdict="REJECTED")
+        broker.info(root_token, ref)
+        broker.info(root_token, ref)
+        broker.sweep()
+        with pytest.raises(KeyNotUsable, match="revoked"):
+            broker.copy(root_token, ref)
+        [event] = status_events(events)
+        assert (event.ref, event.old, event.new, event.cause) == (
+            ref,
+            Status.ACTIVE,
+            Status.REVOKED,
+            Cause.OBSERVED,
+        )
+        assert event.record is not None
+        assert event.record.status is Status.REVOKED
+        assert revoked_count(events, ref) == 1
+
+    def test_its_own_event_coming_back_from_the_bus_is_harmless(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        ref: KeyRef,
+        dev_vault: DevVault,
+        root_token: Secret,
+    ) -> None:
+        """Wired as the daemon wires it, each change and each revocation is told once."""
+        bus = EventBus()
+        seen: list[Event] = []
+        broker = Broker(
+            vault, BrokerSettings(), grant_prefix=vault_settings.grant_prefix, emit=bus.emit
+        )
+        bus.subscribe(broker.on_event)
+        bus.subscribe(seen.append)
+        handouts = [broker.copy(root_token, ref) for _ in range(2)]
+        vault.set_status(ref, Status.RETIRED, now=NOW)
+        broker.sweep()
+        broker.sweep()
+        assert [(e.old, e.new) for e in status_events(seen)] == [(Status.ACTIVE, Status.RETIRED)]
+        assert [e for e in seen if isinstance(e, CopiesRevoked)] == [CopiesRevoked(ref, 2)]
+        assert broker.outstanding == 0
+        for handout in handouts:
+            assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
+
+    def test_a_final_status_event_revokes_unclaimed_copies(
+        self,
+        broker: Broker,
+        events: list[Event],
+        ref: KeyRef,
+        dev_vault: DevVault,
+        root_token: Secret,
+    ) -> None:
+        """on_event(revoked) revokes the copies; CopiesRevoked is emitted when there were any."""
+        handout = broker.copy(root_token, ref)
+        event = KeyStatusChanged(ref, Status.ACTIVE, Status.REVOKED, Cause.CHECK)
+        broker.on_event(event)
+        assert events == [CopiesRevoked(ref, 1)]
+        assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
+        assert broker.outstanding == 0
+        broker.on_event(event)
+        broker.on_event(CopiesRevoked(ref, 1))
+        assert events == [CopiesRevoked(ref, 1)]
+
+    def test_a_status_event_that_is_not_final_drops_caches_and_keeps_copies(
+        self,
+        broker: Broker,
+        events: list[Event],
+        ref: KeyRef,
+        dev_vault: DevVault,
+        root_token: Secret,
+    ) -> None:
+        """An event for an active key makes the next request re-read; copies stay valid."""
+        handout = broker.copy(root_token, ref)
+        broker.sign(root_token, ref, "accountQuery", {})
+        broker.on_event(KeyStatusChanged(ref, Status.PENDING, Status.ACTIVE, Cause.CHECK))
+        assert not broker.answers_from_memory(root_token, ref, "sign/accountQuery")
+        assert broker.outstanding == 1
+        assert events == []
+        assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 200
+
+    def test_a_key_deleted_from_vault_is_retired_by_sweep(
+        self,
+        broker: Broker,
+        events: list[Event],
+        ref: KeyRef,
+        vault: Vault,
+        dev_vault: DevVault,
+        root_token: Secret,
+    ) -> None:
+        """sweep finds a deleted key: KeyStatusChanged(RETIRED, DELETED), its copies revoked."""
+        handout = broker.copy(root_token, ref)
+        vault.delete_key(ref)
+        broker.sweep()
+        broker.sweep()
+        assert [(e.old, e.new, e.cause) for e in status_events(events)] == [
+            (Status.ACTIVE, Status.RETIRED, Cause.DELETED)
+        ]
+        assert revoked_count(events, ref) == 1
+        assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
+
+    def test_without_emit_the_broker_applies_what_it_observes(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        ref: KeyRef,
+        dev_vault: DevVault,
+        root_token: Secret,
+    ) -> None:
+        """With no bus (tests, CLI), a change found by a read still revokes the copies."""
+        broker = Broker(vault, BrokerSettings(), grant_prefix=vault_settings.grant_prefix)
+        handout = broker.copy(root_token, ref)
+        vault.set_status(ref, Status.REVOKED, now=NOW, verdict="REJECTED")
+        broker.info(root_token, ref)
+        assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
+        assert broker.outstanding == 0
+
+    def test_a_read_older_than_an_event_is_neither_news_nor_cached(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        ref: KeyRef,
+        root_token: Secret,
+    ) -> None:
+        """An event that arrives while the key is being read wins over what the read found."""
+        counting = CountingVault(vault)
+        seen: list[Event] = []
+        broker = Broker(
+            counting, BrokerSettings(), grant_prefix=vault_settings.grant_prefix, emit=seen.append
+        )
+        revoked = KeyStatusChanged(ref, Status.ACTIVE, Status.REVOKED, Cause.CHECK)
+        counting.before["read_key"] = lambda: broker.on_event(revoked)
+        with pytest.raises(KeyNotUsable, match="revoked"):
+            broker.copy(root_token, ref)  # Vault still says active: the check has not written yet
+        assert status_events(seen) == []
+        assert broker._keys.loaded.get(ref, now=time.time()) is None
 
 
 def test_iso_utc_is_iso_8601_with_z() -> None:

@@ -8,10 +8,11 @@ Routes (DESIGN.md "Worker API")::
     POST /v1/keys/{sub}/{name}/report   "Backpack rejected it"  grant: copy or any sign; 429
     GET  /healthz  /readyz  /metrics
 
-The broker is synchronous (hvac), so every call into it runs in the thread
-pool. Tokens arrive in ``X-Vault-Token`` or ``Authorization: Bearer`` and stay
-``Secret`` objects; no response body but a copy's own ``wrap_token`` carries
-anything secret.
+The broker is synchronous (hvac). A copy or signature it can answer from memory
+(``Broker.answers_from_memory``: cached grant and key, a spare copy) is answered
+on the event loop; every other call into it runs in the thread pool. Tokens
+arrive in ``X-Vault-Token`` or ``Authorization: Bearer`` and stay ``Secret``
+objects; no response body but a copy's own ``wrap_token`` carries anything secret.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, Final
 
 from starlette.applications import Starlette
@@ -31,8 +33,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backpack_vault.backpack.instructions import is_known
-from backpack_vault.broker import Broker, KeyInfo
+from backpack_vault.broker import COPY, Broker, KeyInfo, Signature
 from backpack_vault.config import Secret
+from backpack_vault.core.caches import RateLimiter
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
     InvalidInput,
@@ -149,24 +152,6 @@ def _sign_request(body: dict[str, Any]) -> tuple[str, Any, int | None, int | Non
     return instruction, params, _optional_int(body, "timestamp"), _optional_int(body, "window")
 
 
-class _RateLimiter:
-    """At most one event per ``interval_s`` per key; used on the event loop only."""
-
-    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
-        self._interval = interval_s
-        self._clock = clock
-        self._last: dict[KeyRef, float] = {}
-
-    def take(self, key: KeyRef) -> None:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            raise ReportsLimited(str(key), self._interval, self._interval - (now - last))
-        if len(self._last) > 10_000:  # noqa: PLR2004 - a bound, not a tunable
-            self._last = {k: t for k, t in self._last.items() if now - t < self._interval}
-        self._last[key] = now
-
-
 def _no_report(ref: KeyRef, reason: str) -> None:
     log.info("check.report_received", key=str(ref), reason=reason)
 
@@ -178,13 +163,18 @@ class _Api:
         metrics: Metrics,
         readiness: Readiness,
         report: ReportCallback,
-        limiter: _RateLimiter,
+        *,
+        report_interval_s: float,
+        clock: Callable[[], float],
     ) -> None:
         self.broker = broker
         self.metrics = metrics
         self.readiness = readiness
-        self.report_callback = report
-        self.limiter = limiter
+        self.report = report
+        self.report_interval_s = report_interval_s
+        self.clock = clock
+        # Used on the event loop only, so it needs no lock.
+        self.reports: RateLimiter[KeyRef] = RateLimiter(1, per=report_interval_s)
 
     # -- the shared request path ----------------------------------------------------------
 
@@ -249,11 +239,12 @@ class _Api:
 
     # -- routes ---------------------------------------------------------------------------
 
-    async def copy(self, request: Request) -> Response:
+    async def post_copy(self, request: Request) -> Response:
         async def work(token: Secret | None, facts: dict[str, Any]) -> Response:
             ref = _ref(request)
-            handout = self.broker.copy_now(token, ref)
-            if handout is None:
+            if self.broker.answers_from_memory(token, ref, COPY):
+                handout = self.broker.copy(token, ref)
+            else:
                 handout = await run_in_threadpool(self.broker.copy, token, ref)
             facts.update(version=handout.version, wrap_ttl_s=handout.wrap_ttl)
             # After the answer is sent: wrap the next copy of this key ahead of time.
@@ -261,22 +252,23 @@ class _Api:
 
         return await self._answer("copy", request, work)
 
-    async def sign(self, request: Request) -> Response:
+    async def post_sign(self, request: Request) -> Response:
         async def work(token: Secret | None, facts: dict[str, Any]) -> Response:
             ref = _ref(request)
             body = await _json_object(request)
             if isinstance(body.get("instruction"), str):
                 facts["instruction"] = body["instruction"]
             instruction, params, timestamp, window = _sign_request(body)
-            signature = self.broker.sign_now(
-                token, ref, instruction, params, timestamp=timestamp, window=window
-            )
-            if signature is None:
-                signature = await run_in_threadpool(
-                    lambda: self.broker.sign(
-                        token, ref, instruction, params, timestamp=timestamp, window=window
-                    )
+
+            def sign() -> Signature:
+                return self.broker.sign(
+                    token, ref, instruction, params, timestamp=timestamp, window=window
                 )
+
+            if self.broker.answers_from_memory(token, ref, f"sign/{instruction}"):
+                signature = sign()
+            else:
+                signature = await run_in_threadpool(sign)
             return JSONResponse({"headers": dict(signature.headers)})
 
         return await self._answer("sign", request, work)
@@ -287,7 +279,7 @@ class _Api:
         except ServiceError as exc:  # the next copy wraps inline instead; nothing is lost
             log.debug("api.refill_failed", key=str(ref), error=exc.code)
 
-    async def info(self, request: Request) -> Response:
+    async def get_info(self, request: Request) -> Response:
         async def work(token: Secret | None, _facts: dict[str, Any]) -> Response:
             ref = _ref(request)
             info: KeyInfo = await run_in_threadpool(self.broker.info, token, ref)
@@ -295,7 +287,7 @@ class _Api:
 
         return await self._answer("info", request, work)
 
-    async def report(self, request: Request) -> Response:
+    async def post_report(self, request: Request) -> Response:
         async def work(token: Secret | None, facts: dict[str, Any]) -> Response:
             ref = _ref(request)
             body = await _json_object(request)
@@ -305,36 +297,41 @@ class _Api:
             reason = _UNPRINTABLE.sub("?", raw)[:MAX_REASON_CHARS]
             facts["reason"] = reason
             await run_in_threadpool(self.broker.info, token, ref)  # grant, then 404 if unknown
-            self.limiter.take(ref)
-            await run_in_threadpool(self.report_callback, ref, reason)
-            return JSONResponse({"accepted": True, "key": str(ref)}, status_code=202)
+            now = self.clock()
+            if not self.reports.try_acquire(ref, now=now):
+                retry_after_s = self.reports.retry_after(ref, now=now)
+                raise ReportsLimited(str(ref), self.report_interval_s, retry_after_s)
+            await run_in_threadpool(self.report, ref, reason)
+            return JSONResponse(
+                {"accepted": True, "key": str(ref)}, status_code=HTTPStatus.ACCEPTED
+            )
 
         return await self._answer("report", request, work)
 
-    async def healthz(self, _request: Request) -> Response:
+    async def get_healthz(self, _request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(self, _request: Request) -> Response:
+    async def get_readyz(self, _request: Request) -> Response:
         state = self.readiness()
         ready, reason = state if isinstance(state, tuple) else (state, "")
         if ready:
             return JSONResponse({"ready": True})
         return JSONResponse(
             {"ready": False, "reason": reason or "not ready"},
-            status_code=503,
+            status_code=HTTPStatus.SERVICE_UNAVAILABLE,
             headers={"Retry-After": "1"},
         )
 
-    async def metrics_text(self, _request: Request) -> Response:
+    async def get_metrics(self, _request: Request) -> Response:
         body, content_type = self.metrics.render()
         return Response(body, headers={"Content-Type": content_type})
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    if status == 404:  # noqa: PLR2004
+    status = exc.status_code if isinstance(exc, HTTPException) else HTTPStatus.INTERNAL_SERVER_ERROR
+    if status == HTTPStatus.NOT_FOUND:
         return error_response(NotFound("no such route; see DESIGN.md for the worker API"))
-    if status == 405:  # noqa: PLR2004
+    if status == HTTPStatus.METHOD_NOT_ALLOWED:
         return error_response(MethodNotAllowed("this route does not accept that method"))
     return _internal_error()
 
@@ -350,19 +347,24 @@ def create_app(
 ) -> Starlette:
     """The worker API. ``report`` runs (in the thread pool) when a worker reports a rejection."""
     api = _Api(
-        broker, metrics, readiness, report or _no_report, _RateLimiter(report_interval_s, clock)
+        broker,
+        metrics,
+        readiness,
+        report or _no_report,
+        report_interval_s=report_interval_s,
+        clock=clock,
     )
     metrics.track_outstanding(lambda: broker.outstanding)
     keys = "/v1/keys/{sub}/{name}"
     app = Starlette(
         routes=[
-            Route(f"{keys}/copy", api.copy, methods=["POST"]),
-            Route(f"{keys}/sign", api.sign, methods=["POST"]),
-            Route(f"{keys}/report", api.report, methods=["POST"]),
-            Route(keys, api.info, methods=["GET"]),
-            Route("/healthz", api.healthz, methods=["GET"]),
-            Route("/readyz", api.readyz, methods=["GET"]),
-            Route("/metrics", api.metrics_text, methods=["GET"]),
+            Route(f"{keys}/copy", api.post_copy, methods=["POST"]),
+            Route(f"{keys}/sign", api.post_sign, methods=["POST"]),
+            Route(f"{keys}/report", api.post_report, methods=["POST"]),
+            Route(keys, api.get_info, methods=["GET"]),
+            Route("/healthz", api.get_healthz, methods=["GET"]),
+            Route("/readyz", api.get_readyz, methods=["GET"]),
+            Route("/metrics", api.get_metrics, methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error},
     )

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import hvac
@@ -36,6 +35,7 @@ from backpack_vault.errors import (
     VaultUnavailable,
     WriteConflict,
 )
+from backpack_vault.vault.port import TokenInfo, WrapInfo
 
 __all__ = ["Capabilities", "Provisioner", "TokenInfo", "Vault", "WrapInfo"]
 
@@ -51,32 +51,6 @@ _TRANSIENT: Final = (
     requests.ConnectionError,
     requests.Timeout,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    """What Vault says about a token; never the token itself."""
-
-    accessor: str
-    display_name: str
-    entity_id: str
-    policies: tuple[str, ...]
-    ttl: int
-    renewable: bool
-    expires_at: float | None  # epoch seconds; None for a token that never expires
-
-    @property
-    def identity(self) -> str:
-        """A name fit for logs: the entity id when there is one, else the display name."""
-        return self.entity_id or self.display_name or self.accessor[:8]
-
-
-@dataclass(frozen=True, slots=True)
-class WrapInfo:
-    token: Secret
-    accessor: str
-    ttl: int
-    created_at: float
 
 
 def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False) -> NoReturn:
