@@ -1,8 +1,9 @@
 """Liveness checks: the verdict table, the checker against real Vault and the sandbox,
-the fault matrix, the request budget, the leader lease and the webhook."""
+the fault matrix, the request budget and the webhook (the leader lease: test_daemon.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from starlette.routing import Route
 from backpack_vault.alerts import Webhook
 from backpack_vault.backpack.rest import Exchange
 from backpack_vault.backpack.signing import Signer
-from backpack_vault.checks import Checker, Lease, RequestBudget
+from backpack_vault.checks import Checker, RequestBudget
 from backpack_vault.cli import cli
 from backpack_vault.config import Secret, VaultSettings
 from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
@@ -34,27 +35,13 @@ from backpack_vault.core.verdicts import (
     classify,
 )
 from backpack_vault.daemon.serving import ServerThread, free_port
-from backpack_vault.errors import ExchangeUnavailable, WriteConflict
+from backpack_vault.errors import ExchangeUnavailable
+from backpack_vault.events import Cause, Event, KeyStatusChanged
+from backpack_vault.testing import FakeClock, store_key
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Vault
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def store(vault: Vault, ref: KeyRef, pair: KeyPair, status: Status = Status.ACTIVE) -> KeyRecord:
-    """Store a key in Vault as `keys add` (active) or `keys generate` (pending) would."""
-    return vault.create_key(
-        KeyRecord(
-            ref=ref,
-            api_key=pair.api_key,
-            read_only=False,
-            status=status,
-            origin=Origin.BACKPACK_UI if status is Status.ACTIVE else Origin.GENERATED,
-            created_at="2025-01-01T00:00:00+00:00",
-            status_since="2025-01-01T00:00:00+00:00",
-        ),
-        pair.secret,
-    )
 
 
 def metadata(settings: VaultSettings, ref: KeyRef) -> dict[str, Any]:
@@ -67,12 +54,16 @@ def metadata(settings: VaultSettings, ref: KeyRef) -> dict[str, Any]:
 
 @dataclass
 class Changes:
-    """An on_change recorder."""
+    """Records the status changes a checker emits."""
 
-    seen: list[tuple[Status, Status, str]] = field(default_factory=list)
+    seen: list[tuple[Status | None, Status, str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
-    def __call__(self, old: KeyRecord, new: KeyRecord, result: CheckResult) -> None:
-        self.seen.append((old.status, new.status, result.label))
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, KeyStatusChanged):
+            label = event.result.label if event.result else ""
+            self.seen.append((event.old, event.new, label))
 
 
 @pytest.fixture
@@ -93,14 +84,14 @@ def changes() -> Changes:
 
 @pytest.fixture
 def checker(vault: Vault, exchange: Exchange, changes: Changes) -> Checker:
-    return Checker(vault, exchange, on_change=changes, confirm_delay_s=0)
+    return Checker(vault, exchange, emit=changes, confirm_delay_s=0)
 
 
 @pytest.fixture
 def registered(vault: Vault, sandbox: SandboxAdmin) -> tuple[KeyRef, KeyPair]:
     """An active key stored in Vault and registered at the sandbox."""
     ref, pair = KeyRef("main", "bot-a"), generate_pair()
-    store(vault, ref, pair)
+    store_key(vault, ref, pair=pair)
     sandbox.register(pair.api_key)
     return ref, pair
 
@@ -351,7 +342,7 @@ class TestChecker:
     ) -> None:
         """A generated key stays pending while Backpack refuses it, then turns active."""
         ref, pair = KeyRef("main", "fresh"), generate_pair()
-        store(vault, ref, pair, Status.PENDING)
+        store_key(vault, ref, pair=pair, status=Status.PENDING, origin=Origin.GENERATED)
         before = metadata(vault_settings, ref)
         refused = checker.check(ref)
         assert (refused.verdict, refused.changed) == (Verdict.REJECTED, False)
@@ -387,7 +378,7 @@ class TestChecker:
     ) -> None:
         """A stored secret of another key is MISCONFIGURED, found without any request."""
         ref, pair, other = KeyRef("main", "mixed-up"), generate_pair(), generate_pair()
-        store(vault, ref, KeyPair(pair.api_key, other.secret))
+        store_key(vault, ref, pair=KeyPair(pair.api_key, other.secret))
         sandbox.register(pair.api_key)
         result = checker.check(ref)
         assert (result.verdict, result.reason, result.alert) == (
@@ -455,14 +446,14 @@ class TestChecker:
         registered: tuple[KeyRef, KeyPair],
         sandbox: SandboxAdmin,
     ) -> None:
-        """An on_change callback that raises is logged; the status change stands."""
+        """An emit that raises is logged; the status change stands."""
         ref, pair = registered
         sandbox.revoke(pair.api_key)
 
-        def explode(_old: KeyRecord, _new: KeyRecord, _result: CheckResult) -> None:
+        def explode(_event: Event) -> None:
             raise RuntimeError("webhook down")
 
-        checker = Checker(vault, exchange, on_change=explode, confirm_delay_s=0)
+        checker = Checker(vault, exchange, emit=explode, confirm_delay_s=0)
         with structlog.testing.capture_logs() as logs:
             result = checker.check(ref)
         assert result.new_status is Status.REVOKED
@@ -496,7 +487,7 @@ def keys(vault: Vault, sandbox: SandboxAdmin) -> list[tuple[KeyRef, KeyPair]]:
     made = []
     for i in range(3):
         ref, pair = KeyRef("main", f"bot-{i}"), generate_pair()
-        store(vault, ref, pair)
+        store_key(vault, ref, pair=pair)
         sandbox.register(pair.api_key)
         made.append((ref, pair))
     return made
@@ -621,7 +612,7 @@ class TestSharedMeasurement:
         refs = []
         for i in range(4):
             ref, pair = KeyRef(f"sub-{i % 2}", f"bot-{i}"), generate_pair()
-            store(vault, ref, pair)
+            store_key(vault, ref, pair=pair)
             sandbox.register(pair.api_key)
             refs.append(ref)
         results = checker.check_many(refs)
@@ -647,7 +638,7 @@ class TestSharedMeasurement:
     ) -> None:
         """A failed /status is asked again by the next check; an Ok one after remeasure_s."""
         ref, _ = registered
-        clock = FakeClock()
+        clock = FakeClock(1_000.0)
         checker = Checker(vault, exchange, clock=clock, remeasure_s=5, confirm_delay_s=0)
         sandbox.set_faults(maintenance=True)
         assert checker.check(ref).label == "UNKNOWN(maintenance)"
@@ -725,7 +716,7 @@ class TestFaultMatrix:
         refs = []
         for i in range(KEYS_PER_CASE):
             ref, pair = KeyRef(f"sub-{i % 3}", f"bot-{i}"), generate_pair()
-            store(vault, ref, pair)
+            store_key(vault, ref, pair=pair)
             sandbox.register(pair.api_key)
             refs.append(ref)
         url = f"http://127.0.0.1:{free_port()}" if case.refused else sandbox.url
@@ -753,18 +744,10 @@ class TestFaultMatrix:
 # -- the request budget --------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class TestRequestBudget:
     def test_a_bucket_allows_its_rate_then_refuses(self) -> None:
         """per_minute requests pass at once; the next waits for the refill."""
-        clock = FakeClock()
+        clock = FakeClock(1_000.0)
         budget = RequestBudget(per_minute=3, clock=clock)
         assert [budget.try_acquire("main") for _ in range(4)] == [True, True, True, False]
         clock.now += 20  # one token back after a third of a minute
@@ -772,7 +755,7 @@ class TestRequestBudget:
 
     def test_sub_accounts_have_their_own_buckets(self) -> None:
         """Spending one sub-account's budget leaves another's whole."""
-        budget = RequestBudget(per_minute=1, clock=FakeClock())
+        budget = RequestBudget(per_minute=1, clock=FakeClock(1_000.0))
         assert budget.try_acquire("main")
         assert not budget.try_acquire("main")
         assert budget.try_acquire("scalper")
@@ -790,7 +773,7 @@ class TestRequestBudget:
     ) -> None:
         """Over budget a check is UNKNOWN(rate_limited) and sends nothing, until the refill."""
         ref, _ = registered
-        clock = FakeClock()
+        clock = FakeClock(1_000.0)
         checker = Checker(vault, exchange, budget=RequestBudget(per_minute=1, clock=clock))
         assert checker.check(ref).verdict is Verdict.VALID
         sent = sandbox.stats()["total"]
@@ -799,80 +782,6 @@ class TestRequestBudget:
         assert sandbox.stats()["total"] == sent
         clock.now += 60
         assert checker.check(ref).verdict is Verdict.VALID
-
-
-# -- the leader lease ------------------------------------------------------------------------
-
-
-class TestLease:
-    def test_one_holder_at_a_time(self, vault: Vault) -> None:
-        """The first replica takes the lease; the second is refused while it is valid."""
-        clock = FakeClock()
-        a = Lease(vault, "replica-a", ttl_s=30, clock=clock)
-        b = Lease(vault, "replica-b", ttl_s=30, clock=clock)
-        assert a.acquire_or_renew()
-        assert not b.acquire_or_renew()
-        clock.now += 20
-        assert a.acquire_or_renew()  # renewed: valid until now + 30
-        clock.now += 20
-        assert not b.acquire_or_renew()
-        assert a.held()
-        assert not b.held()
-
-    def test_another_replica_takes_over_an_expired_lease(self, vault: Vault) -> None:
-        """When the holder stops renewing, another replica takes over after expiry."""
-        clock = FakeClock()
-        a = Lease(vault, "replica-a", ttl_s=30, clock=clock)
-        b = Lease(vault, "replica-b", ttl_s=30, clock=clock)
-        assert a.acquire_or_renew()
-        clock.now += 31
-        assert b.acquire_or_renew()
-        assert not a.acquire_or_renew()
-        assert (a.held(), b.held()) == (False, True)
-        data, _ = vault.read_document("leader") or ({}, 0)
-        assert data["holder"] == "replica-b"
-
-    def test_release_hands_over_at_once(self, vault: Vault) -> None:
-        """A released lease can be taken immediately."""
-        clock = FakeClock()
-        a = Lease(vault, "replica-a", clock=clock)
-        b = Lease(vault, "replica-b", clock=clock)
-        assert a.acquire_or_renew()
-        a.release()
-        assert b.acquire_or_renew()
-        assert not a.held()
-
-    def test_a_lost_check_and_set_race_is_not_leadership(self, vault: Vault) -> None:
-        """Two replicas that read the same version cannot both win: the later write fails."""
-        clock = FakeClock()
-        rival = Lease(vault, "replica-a", clock=clock)
-
-        class RivalWritesFirst:
-            """Real Vault; the rival acquires between our read and our write."""
-
-            def read_document(self, path: str) -> Any:
-                current = vault.read_document(path)
-                assert rival.acquire_or_renew()
-                return current
-
-            def write_document(self, path: str, data: Any, cas: int) -> int:
-                return vault.write_document(path, data, cas)
-
-        loser = Lease(RivalWritesFirst(), "replica-b", clock=clock)  # type: ignore[arg-type]
-        assert not loser.acquire_or_renew()
-        assert rival.held()
-        with pytest.raises(WriteConflict):
-            vault.write_document("leader", {"holder": "x"}, cas=0)
-
-    def test_vault_unreachable_means_not_leader(self) -> None:
-        """A replica that cannot reach Vault does not consider itself leader."""
-        settings = VaultSettings(
-            addr=f"http://127.0.0.1:{free_port()}", token=Secret("t"), timeout=0.5
-        )
-        unreachable = Vault(settings)
-        lease = Lease(unreachable, "replica-a")
-        assert not lease.acquire_or_renew()
-        unreachable.close()
 
 
 # -- the webhook ---------------------------------------------------------------------------
@@ -899,7 +808,8 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
         yield rx, f"{server.url}/hooks/T0KEN-in-path"
 
 
-def _result() -> tuple[KeyRecord, KeyRecord, CheckResult]:
+def _status_change() -> KeyStatusChanged:
+    """What a check that revoked a key emits."""
     ref = KeyRef("main", "bot-a")
     old = KeyRecord(
         ref=ref,
@@ -923,7 +833,7 @@ def _result() -> tuple[KeyRecord, KeyRecord, CheckResult]:
         old_status=Status.ACTIVE,
         new_status=Status.REVOKED,
     )
-    return old, new, result
+    return KeyStatusChanged(ref, old.status, new.status, Cause.CHECK, record=new, result=result)
 
 
 def _fields(record: KeyRecord) -> dict[str, Any]:
@@ -940,7 +850,7 @@ class TestWebhook:
     ) -> None:
         """The alert names the key, both statuses and the verdict."""
         rx, url = receiver
-        _webhook(http, url).key_status_changed(*_result())
+        _webhook(http, url).on_event(_status_change())
         (alert,) = rx.received
         assert alert["event"] == "key.status_changed"
         assert (alert["key"], alert["old_status"], alert["new_status"]) == (
@@ -949,6 +859,23 @@ class TestWebhook:
             "revoked",
         )
         assert (alert["verdict"], alert["http_status"]) == ("REJECTED(key_rejected)", 401)
+
+    def test_the_name_keys_check_passes_posts_the_same_alert(
+        self, receiver: tuple[Receiver, str], http: httpx.Client
+    ) -> None:
+        """`keys check` hands Checker(on_change=webhook.key_status_changed): one alert."""
+        rx, url = receiver
+        _webhook(http, url).key_status_changed(_status_change())
+        assert [alert["new_status"] for alert in rx.received] == ["revoked"]
+
+    def test_a_change_no_check_caused_is_not_posted(
+        self, receiver: tuple[Receiver, str], http: httpx.Client
+    ) -> None:
+        """A status written with the CLI and observed later is the operator's own doing."""
+        rx, url = receiver
+        observed = dataclasses.replace(_status_change(), cause=Cause.OBSERVED, result=None)
+        _webhook(http, url).on_event(observed)
+        assert rx.received == []
 
     def test_failures_are_retried(self, receiver: tuple[Receiver, str], http: httpx.Client) -> None:
         """503 and 429 are retried until the receiver accepts."""

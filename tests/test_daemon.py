@@ -1,4 +1,5 @@
-"""The daemon's lifecycle: login, token renewal, readiness, Vault outages, jobs, SIGTERM.
+"""The daemon's lifecycle: login, token renewal, readiness, Vault outages, jobs, events,
+reports, the leader lease, SIGTERM.
 
 Real OpenBao everywhere: the session's dev server, plus a separate one for the
 outage test (it gets SIGSTOPped, which would stall every other test).
@@ -13,45 +14,41 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
-from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.core.keys import KeyRef, Status
 from backpack_vault.daemon import Daemon
-from backpack_vault.daemon.serving import ServerThread
-from backpack_vault.dev.vault import DevVault, free_port
-from backpack_vault.errors import ConfigError, ServiceError, VaultDenied, VaultUnavailable
+from backpack_vault.daemon.leader import Lease
+from backpack_vault.daemon.serving import ServerThread, free_port
+from backpack_vault.dev.vault import DevVault
+from backpack_vault.errors import (
+    ConfigError,
+    ServiceError,
+    VaultDenied,
+    VaultUnavailable,
+    WriteConflict,
+)
+from backpack_vault.events import Cause, CopiesRevoked, Event, EventBus, KeyStatusChanged
+from backpack_vault.metrics import Metrics
+from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
+from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Vault
 
-NOW = "2025-01-01T00:00:00+00:00"
 REF = KeyRef("main", "bot-a")
-
-
-def store(vault: Vault, ref: KeyRef = REF) -> None:
-    pair = generate_pair()
-    record = KeyRecord(
-        ref=ref,
-        api_key=pair.api_key,
-        read_only=False,
-        status=Status.ACTIVE,
-        origin=Origin.BACKPACK_UI,
-        created_at=NOW,
-        status_since=NOW,
-    )
-    vault.create_key(record, pair.secret)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.05)
+TIMEOUT = 15.0
 
 
 def settings_for(vault: VaultSettings, **top: Any) -> Settings:
@@ -139,15 +136,17 @@ class TestJobs:
         """The seam for check jobs: add_job schedules a plain callable at an interval."""
         daemon, _ = running
         runs: list[float] = []
-        daemon.add_job(lambda: runs.append(time.monotonic()), seconds=0.05, job_id="test.tick")
-        wait_until(lambda: len(runs) >= 2)
+        daemon.scheduler.add_job(
+            lambda: runs.append(time.monotonic()), seconds=0.05, job_id="test.tick"
+        )
+        wait_until(lambda: len(runs) >= 2, TIMEOUT)
         assert daemon.scheduler.get_job("test.tick") is not None
 
     def test_run_soon_runs_once(self, running: tuple[Daemon, str]) -> None:
         """run_soon runs a callable once, off the request path (e.g. a reported key's check)."""
         daemon, _ = running
         done = threading.Event()
-        daemon.run_soon(done.set, job_id="test.once")
+        daemon.scheduler.run_soon(done.set, job_id="test.once")
         assert done.wait(5)
 
     def test_a_status_change_cascades_to_copies_and_metrics(
@@ -155,7 +154,7 @@ class TestJobs:
     ) -> None:
         """key_status_changed revokes unclaimed copies and sets the key status gauge."""
         daemon, url = running
-        store(vault)
+        store_key(vault, REF)
         headers = {"X-Vault-Token": dev_vault.root_token.reveal()}
         wrap = httpx.post(f"{url}/v1/keys/main/bot-a/copy", headers=headers).json()["wrap_token"]
         vault.set_status(REF, Status.REVOKED, now=NOW, verdict="REJECTED")
@@ -170,11 +169,11 @@ class TestJobs:
     ) -> None:
         """The sweep job notices a retirement written to Vault and revokes unclaimed copies."""
         _, url = running
-        store(vault)
+        store_key(vault, REF)
         headers = {"X-Vault-Token": dev_vault.root_token.reveal()}
         wrap = httpx.post(f"{url}/v1/keys/main/bot-a/copy", headers=headers).json()["wrap_token"]
         vault.set_status(REF, Status.RETIRED, now=NOW)  # what `keys retire` does
-        wait_until(lambda: not wrap_token_alive(dev_vault.addr, wrap))
+        wait_until(lambda: not wrap_token_alive(dev_vault.addr, wrap), TIMEOUT)
         copy = httpx.post(f"{url}/v1/keys/main/bot-a/copy", headers=headers)
         assert copy.status_code == 409
         metrics = httpx.get(f"{url}/metrics").text
@@ -226,7 +225,7 @@ class TestTokenLifecycle:
                 info = daemon.vault.token_info
                 return info is not None and info.accessor == wanted
 
-            wait_until(switched)
+            wait_until(switched, TIMEOUT)
             assert daemon.readiness() == (True, "")
 
     def test_losing_the_token_shows_in_readiness_until_login_succeeds(
@@ -243,7 +242,7 @@ class TestTokenLifecycle:
                 f"{dev_vault.addr}/v1/auth/token/revoke-self",
                 headers={"X-Vault-Token": first.reveal()},
             ).raise_for_status()
-            wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 503)
+            wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, TIMEOUT)
             assert "not logged in" in httpx.get(f"{server.url}/readyz").json()["reason"]
             assert (
                 "backpack_vault_vault_authenticated 0.0" in httpx.get(f"{server.url}/metrics").text
@@ -251,7 +250,7 @@ class TestTokenLifecycle:
             token_file.write_text(
                 new_token(dev_vault.addr, dev_vault.root_token, ttl="1h").reveal()
             )
-            wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200)
+            wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, TIMEOUT)
 
 
 class TestVaultOutage:
@@ -263,7 +262,7 @@ class TestVaultOutage:
             )
             vault = Vault(options)
             vault.login()
-            store(vault)
+            store_key(vault, REF)
             daemon = Daemon(settings_for(options), vault=vault, health_interval_s=0.2)
             headers = {"X-Vault-Token": own.root_token.reveal()}
             with daemon, ServerThread(daemon.app) as server:
@@ -271,7 +270,9 @@ class TestVaultOutage:
                 assert httpx.post(copy, headers=headers).status_code == 200
                 own.pause()
                 try:
-                    wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 503)
+                    wait_until(
+                        lambda: httpx.get(f"{server.url}/readyz").status_code == 503, TIMEOUT
+                    )
                     refused = httpx.post(copy, headers=headers, timeout=10)
                     assert refused.status_code == 503
                     assert refused.json()["error"]["code"] == "vault_unavailable"
@@ -279,10 +280,228 @@ class TestVaultOutage:
                     assert httpx.get(f"{server.url}/healthz").status_code == 200
                 finally:
                     own.resume()
-                wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200)
+                wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, TIMEOUT)
                 assert httpx.post(copy, headers=headers).status_code == 200
                 assert daemon.scheduler.running
             vault.close()
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: records every POST body."""
+
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    async def hook(self, request: Request) -> Response:
+        self.received.append(await request.json())
+        return Response(status_code=204)
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[Receiver, str]]:
+    receiver = Receiver()
+    app = Starlette(routes=[Route("/hook", receiver.hook, methods=["POST"])])
+    with ServerThread(app) as server:
+        yield receiver, f"{server.url}/hook"
+
+
+@pytest.fixture
+def checking(
+    vault: Vault,
+    vault_settings: VaultSettings,
+    sandbox: SandboxAdmin,
+    webhook: tuple[Receiver, str],
+) -> Iterator[Daemon]:
+    """A daemon checking against the sandbox and alerting the webhook; jobs driven by hand."""
+    checks = CheckSettings(backpack_url=sandbox.url, webhook_url=Secret(webhook[1]))
+    settings = Settings(vault=vault_settings, broker=BrokerSettings(), checks=checks)
+    daemon = Daemon(settings, vault=vault, confirm_delay_s=0)
+    daemon.login()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+class TestEvents:
+    def test_a_check_caused_change_is_one_event_reaching_every_listener(
+        self,
+        checking: Daemon,
+        vault: Vault,
+        sandbox: SandboxAdmin,
+        webhook: tuple[Receiver, str],
+        dev_vault: DevVault,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """One KeyStatusChanged(CHECK): copies revoked, gauge set once, one alert."""
+        receiver, _ = webhook
+        pair = store_key(vault, REF)
+        sandbox.register(pair.api_key)
+        handout = checking.broker.copy(dev_vault.root_token, REF)
+        seen: list[Event] = []
+        checking.events.subscribe(seen.append)
+        gauge_sets: list[str] = []
+        set_key_status = checking.metrics.set_key_status
+
+        def count_gauge_sets(key: str, status: Status | str) -> None:
+            gauge_sets.append(str(status))
+            set_key_status(key, status)
+
+        monkeypatch.setattr(checking.metrics, "set_key_status", count_gauge_sets)
+        sandbox.revoke(pair.api_key)
+        result = checking.run_check(REF)
+        assert result is not None
+        assert result.new_status is Status.REVOKED
+        changes = [e for e in seen if isinstance(e, KeyStatusChanged)]
+        assert [(e.ref, e.old, e.new, e.cause) for e in changes] == [
+            (REF, Status.ACTIVE, Status.REVOKED, Cause.CHECK)
+        ]
+        assert changes[0].result == result
+        assert changes[0].record is not None
+        assert changes[0].record.status is Status.REVOKED
+        assert [e for e in seen if isinstance(e, CopiesRevoked)] == [CopiesRevoked(REF, 1)]
+        assert not wrap_token_alive(dev_vault.addr, handout.wrap_token.reveal())
+        assert gauge_sets == ["revoked"]
+        status = checking.metrics.key_status.labels(key=str(REF), status="revoked")
+        assert status._value.get() == 1
+        assert checking.metrics.revocations._value.get() == 1
+        (alert,) = receiver.received
+        assert (alert["event"], alert["old_status"], alert["new_status"]) == (
+            "key.status_changed",
+            "active",
+            "revoked",
+        )
+        assert (alert["api_key"], alert["verdict"]) == (pair.api_key, "REJECTED(key_rejected)")
+
+    def test_a_change_made_elsewhere_is_not_alerted(
+        self, checking: Daemon, vault: Vault, webhook: tuple[Receiver, str]
+    ) -> None:
+        """A status the CLI wrote reaches the broker and metrics; the webhook stays quiet."""
+        receiver, _ = webhook
+        store_key(vault, REF)
+        vault.set_status(REF, Status.RETIRED, now=NOW)
+        assert checking.key_status_changed(REF, Status.RETIRED) == 0
+        status = checking.metrics.key_status.labels(key=str(REF), status="retired")
+        assert status._value.get() == 1
+        assert receiver.received == []
+
+    def test_a_failing_listener_does_not_stop_the_others(self) -> None:
+        """The bus logs the failure (no traceback) and goes on to the next listener."""
+        bus = EventBus()
+        metrics = Metrics(CollectorRegistry())
+        seen: list[Event] = []
+
+        def explode(_event: Event) -> None:
+            raise RuntimeError("webhook down")
+
+        bus.subscribe(explode)
+        bus.subscribe(metrics.on_event)
+        bus.subscribe(seen.append)
+        event = KeyStatusChanged(REF, Status.ACTIVE, Status.REVOKED, Cause.CHECK)
+        with structlog.testing.capture_logs() as logs:
+            bus.emit(event)
+            bus.emit(CopiesRevoked(REF, 2))
+        assert seen == [event, CopiesRevoked(REF, 2)]
+        assert metrics.key_status.labels(key=str(REF), status="revoked")._value.get() == 1
+        assert metrics.revocations._value.get() == 2
+        failures = [e for e in logs if e["event"] == "events.listener_failed"]
+        assert [f["error"] for f in failures] == ["RuntimeError", "RuntimeError"]
+
+
+class TestReports:
+    def test_a_report_goes_from_the_route_to_a_check(
+        self, checking: Daemon, vault: Vault, sandbox: SandboxAdmin, dev_vault: DevVault
+    ) -> None:
+        """POST /report calls Daemon.report, which runs the key's check on the reports pool."""
+        pair = store_key(vault, REF)
+        sandbox.register(pair.api_key)
+        sandbox.revoke(pair.api_key)
+        checking.scheduler.start()  # the pools only: no lease, no scheduled checks
+        try:
+            with ServerThread(checking.app) as server, structlog.testing.capture_logs() as logs:
+                answer = httpx.post(
+                    f"{server.url}/v1/keys/{REF}/report",
+                    headers={"X-Vault-Token": dev_vault.root_token.reveal()},
+                    json={"reason": "401 UNAUTHORIZED"},
+                )
+                assert answer.status_code == 202
+                wait_until(lambda: vault.read_record(REF).status is Status.REVOKED, TIMEOUT)
+                wait_until(lambda: any(e["event"] == "check.triggered" for e in logs), TIMEOUT)
+        finally:
+            checking.scheduler.shutdown()
+        (triggered,) = [e for e in logs if e["event"] == "check.triggered"]
+        assert (triggered["trigger"], triggered["verdict"]) == ("report", "REJECTED(key_rejected)")
+
+
+class TestLease:
+    def test_one_holder_at_a_time(self, vault: Vault) -> None:
+        """The first replica takes the lease; the second is refused while it is valid."""
+        clock = FakeClock(1_000.0)
+        a = Lease(vault, "replica-a", ttl_s=30, clock=clock)
+        b = Lease(vault, "replica-b", ttl_s=30, clock=clock)
+        assert a.acquire_or_renew()
+        assert not b.acquire_or_renew()
+        clock.now += 20
+        assert a.acquire_or_renew()  # renewed: valid until now + 30
+        clock.now += 20
+        assert not b.acquire_or_renew()
+        assert a.held()
+        assert not b.held()
+
+    def test_another_replica_takes_over_an_expired_lease(self, vault: Vault) -> None:
+        """When the holder stops renewing, another replica takes over after expiry."""
+        clock = FakeClock(1_000.0)
+        a = Lease(vault, "replica-a", ttl_s=30, clock=clock)
+        b = Lease(vault, "replica-b", ttl_s=30, clock=clock)
+        assert a.acquire_or_renew()
+        clock.now += 31
+        assert b.acquire_or_renew()
+        assert not a.acquire_or_renew()
+        assert (a.held(), b.held()) == (False, True)
+        data, _ = vault.read_document("leader") or ({}, 0)
+        assert data["holder"] == "replica-b"
+
+    def test_release_hands_over_at_once(self, vault: Vault) -> None:
+        """A released lease can be taken immediately."""
+        clock = FakeClock(1_000.0)
+        a = Lease(vault, "replica-a", clock=clock)
+        b = Lease(vault, "replica-b", clock=clock)
+        assert a.acquire_or_renew()
+        a.release()
+        assert b.acquire_or_renew()
+        assert not a.held()
+
+    def test_a_lost_check_and_set_race_is_not_leadership(self, vault: Vault) -> None:
+        """Two replicas that read the same version cannot both win: the later write fails."""
+        clock = FakeClock(1_000.0)
+        rival = Lease(vault, "replica-a", clock=clock)
+
+        class RivalWritesFirst:
+            """Real Vault; the rival acquires between our read and our write."""
+
+            def read_document(self, path: str) -> Any:
+                current = vault.read_document(path)
+                assert rival.acquire_or_renew()
+                return current
+
+            def write_document(self, path: str, data: Any, cas: int) -> int:
+                return vault.write_document(path, data, cas)
+
+        loser = Lease(RivalWritesFirst(), "replica-b", clock=clock)  # type: ignore[arg-type]
+        assert not loser.acquire_or_renew()
+        assert rival.held()
+        with pytest.raises(WriteConflict):
+            vault.write_document("leader", {"holder": "x"}, cas=0)
+
+    def test_vault_unreachable_means_not_leader(self) -> None:
+        """A replica that cannot reach Vault does not consider itself leader."""
+        settings = VaultSettings(
+            addr=f"http://127.0.0.1:{free_port()}", token=Secret("t"), timeout=0.5
+        )
+        unreachable = Vault(settings)
+        lease = Lease(unreachable, "replica-a")
+        assert not lease.acquire_or_renew()
+        unreachable.close()
 
 
 LAUNCHER = textwrap.dedent(
@@ -309,7 +528,7 @@ class TestSignals:
         self, dev_vault: DevVault, vault: Vault, vault_settings: VaultSettings, tmp_path: Path
     ) -> None:
         """A real process: SIGTERM lets the running request finish, then exits with 0."""
-        store(vault)
+        store_key(vault, REF)
         port = free_port()
         marker = tmp_path / "marker"
         env = {
@@ -350,7 +569,7 @@ class TestSignals:
                 )
             )
             report.start()
-            wait_until(marker.exists)
+            wait_until(marker.exists, TIMEOUT)
             proc.send_signal(signal.SIGTERM)
             report.join(10)
             _, stderr = proc.communicate(timeout=20)

@@ -30,14 +30,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backpack_vault.checks import Lease
 from backpack_vault.client.broker import BrokerClient, KeyRevoked
 from backpack_vault.config import Secret, Settings, VaultSettings, load
-from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.core.keys import KeyRef, Origin, Status, generate_pair
 from backpack_vault.daemon import Daemon
+from backpack_vault.daemon.leader import Lease
 from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.logging import configure
+from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Provisioner, Vault
 
@@ -48,41 +49,10 @@ LEASE_TTL = 2.0
 KEY_SYNC = 0.3  # how often the leader looks for keys added, retired or deleted in Vault
 SLACK = 3.0  # scheduling, the confirming probe and Vault writes on a busy 2-core machine
 PROBE = "GET /api/v1/account"
-NOW = "2025-01-01T00:00:00+00:00"
 REF = KeyRef("main", "bot-a")
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until ``condition`` holds; fail after ``timeout`` seconds; return the time taken."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def store(
-    vault: Vault, ref: KeyRef = REF, status: Status = Status.ACTIVE, pair: KeyPair | None = None
-) -> KeyPair:
-    """A key as `keys add` (active) or `keys generate` (pending) stores it."""
-    pair = pair or generate_pair()
-    vault.create_key(
-        KeyRecord(
-            ref=ref,
-            api_key=pair.api_key,
-            read_only=False,
-            status=status,
-            origin=Origin.BACKPACK_UI if status is Status.ACTIVE else Origin.GENERATED,
-            created_at=NOW,
-            status_since=NOW,
-        ),
-        pair.secret,
-    )
-    return pair
 
 
 def settings_for(
@@ -111,14 +81,6 @@ def settings_for(
         checks = dataclasses.replace(settings.checks, timeout=exchange_timeout)
         settings = dataclasses.replace(settings, checks=checks)
     return settings
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -254,9 +216,9 @@ class TestRevocation:
     ) -> None:
         """Revoked in Vault within about one interval; unclaimed copies die; 409s; one alert."""
         receiver, hook_url = webhook
-        pair = store(vault)
+        pair = store_key(vault, REF)
         sandbox.register(pair.api_key)
-        kept = store(vault, KeyRef("main", "kept"))
+        kept = store_key(vault, KeyRef("main", "kept"))
         sandbox.register(kept.api_key)
         root = dev_vault.root_token
         with running(make_settings(webhook_url=hook_url)) as served:
@@ -314,7 +276,7 @@ class TestKeySync:
         dev_vault: DevVault,
     ) -> None:
         """A generated key stays pending while Backpack refuses it and turns active after."""
-        pair = store(vault, status=Status.PENDING)
+        pair = store_key(vault, REF, status=Status.PENDING, origin=Origin.GENERATED)
         with running(make_settings()) as served:
             wait_until(
                 lambda: served.verdicts()["REJECTED(key_rejected)"] >= 1,
@@ -340,7 +302,7 @@ class TestKeySync:
         with running(make_settings()) as served:
             wait_until(lambda: served.daemon.leader, LEASE_TTL, "leadership")
             assert served.job() is None
-            pair = store(vault)
+            pair = store_key(vault, REF)
             sandbox.register(pair.api_key)
             wait_until(lambda: served.job() is not None, KEY_SYNC + SLACK, "a check job")
             wait_until(
@@ -353,7 +315,7 @@ class TestKeySync:
     ) -> None:
         """A key retired or deleted in Vault gets no more probes; the others carry on."""
         refs = {name: KeyRef("main", name) for name in ("retired", "deleted", "kept")}
-        pairs = {name: store(vault, ref) for name, ref in refs.items()}
+        pairs = {name: store_key(vault, ref) for name, ref in refs.items()}
         for pair in pairs.values():
             sandbox.register(pair.api_key)
 
@@ -398,7 +360,7 @@ class TestReports:
         sandbox: SandboxAdmin,
     ) -> None:
         """With checks five minutes apart, a report revokes a rejected key within seconds."""
-        pair = store(vault)
+        pair = store_key(vault, REF)
         sandbox.register(pair.api_key)
         worker = worker_token(vault, vault_settings)
         with running(make_settings(interval=300)) as served:
@@ -420,7 +382,7 @@ class TestReports:
         sandbox: SandboxAdmin,
     ) -> None:
         """Even with every check thread taken (a backlog, a slow exchange), a report is acted on."""
-        pair = store(vault)
+        pair = store_key(vault, REF)
         sandbox.register(pair.api_key)
         worker = worker_token(vault, vault_settings)
         settings = make_settings(interval=300)
@@ -428,7 +390,7 @@ class TestReports:
         with running(settings) as served:
             try:
                 for i in range(settings.checks.concurrency):
-                    served.daemon.run_soon(
+                    served.daemon.scheduler.run_soon(
                         release.wait, job_id=f"busy-{i}", args=(30,), executor="checks"
                     )
                 sandbox.revoke(pair.api_key)
@@ -471,7 +433,7 @@ class TestFaults:
         receiver, hook_url = webhook
         refs = [KeyRef("main", "bot-a"), KeyRef("scalper", "bot-b")]
         for ref in refs:
-            sandbox.register(store(vault, ref).api_key)
+            sandbox.register(store_key(vault, ref).api_key)
         settings = make_settings(webhook_url=hook_url, exchange_timeout=0.3)
         with running(settings) as served:
             for fault_id, faults, label in FAULTS:
@@ -501,7 +463,7 @@ class TestLeadership:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """One leader; each key about once per interval; a crashed leader is replaced."""
-        pair = store(vault)
+        pair = store_key(vault, REF)
         sandbox.register(pair.api_key)
         settings = make_settings()
 
@@ -546,7 +508,7 @@ class TestLeadership:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """Listing many keys takes time; a lease lost meanwhile leaves no check jobs behind."""
-        store(vault)
+        store_key(vault, REF)
         clock = FakeClock(time.time())
         daemon = Daemon(make_settings(), clock=clock)  # jobs driven by hand: not started
         rival = Lease(vault, "rival", ttl_s=LEASE_TTL, clock=clock)
@@ -584,8 +546,8 @@ class TestVaultWrites:
     ) -> None:
         """Several VALID checks of an active key, and refusals of a pending one, write nothing."""
         active, pending = REF, KeyRef("main", "not-yet")
-        sandbox.register(store(vault, active).api_key)
-        store(vault, pending, Status.PENDING)
+        sandbox.register(store_key(vault, active).api_key)
+        store_key(vault, pending, status=Status.PENDING, origin=Origin.GENERATED)
         with running(make_settings()) as served:
             wait_until(
                 lambda: (
@@ -629,7 +591,7 @@ class TestCanary:
         logs = io.StringIO()
         configure("json", "debug", stream=logs)
         canary = generate_pair()
-        store(vault, pair=canary)
+        store_key(vault, REF, pair=canary)
         sandbox.register(canary.api_key)
         with running(make_settings(webhook_url=hook_url)) as served:
             wait_until(lambda: served.verdicts()["VALID"] >= 1, 2 * INTERVAL + SLACK, "a check")

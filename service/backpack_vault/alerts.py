@@ -1,4 +1,9 @@
-"""Alerts: a JSON POST to an operator's webhook when a key's status changes.
+"""Alerts: a JSON POST to an operator's webhook when a check changes a key's status.
+
+:meth:`Webhook.on_event` listens on the daemon's event bus and alerts on
+``KeyStatusChanged`` events a check caused (a change made with the CLI is the
+operator's own doing); :meth:`Webhook.check_alert` covers results that need a
+human without changing a status (systemic, misconfigured).
 
 Delivery is best effort with bounded retries (stamina): connection failures,
 timeouts, 429 and 5xx are retried; other answers are not. Nothing here ever
@@ -18,8 +23,8 @@ import stamina
 import structlog
 
 from backpack_vault.config import Secret
-from backpack_vault.core.keys import KeyRecord
 from backpack_vault.core.verdicts import CheckResult
+from backpack_vault.events import Cause, Event, KeyStatusChanged
 
 __all__ = ["Webhook", "status_change_payload"]
 
@@ -106,9 +111,13 @@ class Webhook:
             raise _Retryable(response.status_code)
         response.raise_for_status()
 
-    def key_status_changed(self, old: KeyRecord, new: KeyRecord, result: CheckResult) -> None:
-        """An ``on_change`` callback for ``checks.Checker``."""
-        self.send(status_change_payload(old, new, result))
+    def on_event(self, event: Event) -> None:
+        """Listener: alert on a status change a check caused."""
+        if isinstance(event, KeyStatusChanged) and event.cause is Cause.CHECK:
+            self.send(status_change_payload(event))
+
+    # The name cli.py's `keys check` passes to Checker(on_change=...); the same listener.
+    key_status_changed = on_event
 
     def check_alert(self, result: CheckResult) -> None:
         """Alert on a result that needs a human without changing a status (systemic, ...)."""
@@ -126,21 +135,23 @@ class Webhook:
         )
 
 
-def status_change_payload(old: KeyRecord, new: KeyRecord, result: CheckResult) -> dict[str, Any]:
+def status_change_payload(event: KeyStatusChanged) -> dict[str, Any]:
     """The alert body for a status change: public fields only."""
+    record, result = event.record, event.result
     return {
         "event": "key.status_changed",
-        "key": str(new.ref),
-        "subaccount": new.ref.subaccount,
-        "name": new.ref.name,
-        "api_key": new.api_key,  # the public key, as shown in the Backpack web UI
-        "label": new.label,
-        "old_status": old.status.value,
-        "new_status": new.status.value,
-        "verdict": result.label,
-        "reason": result.reason,
-        "http_status": result.http_status,
-        "code": result.code,
-        "message": result.message,
-        "at": result.checked_at,
+        "key": str(event.ref),
+        "subaccount": event.ref.subaccount,
+        "name": event.ref.name,
+        # the public key, as shown in the Backpack web UI
+        "api_key": record.api_key if record else "",
+        "label": record.label if record else "",
+        "old_status": event.old.value if event.old else None,
+        "new_status": event.new.value,
+        "verdict": result.label if result else "",
+        "reason": result.reason if result else "",
+        "http_status": result.http_status if result else None,
+        "code": result.code if result else "",
+        "message": result.message if result else "",
+        "at": result.checked_at if result else "",
     }

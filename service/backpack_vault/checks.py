@@ -23,16 +23,16 @@ A sweep (:meth:`Checker.check_many`) adds the systemic guard: when several keys
 are probed and every one is rejected, Backpack probably changed, not the keys,
 so all of them are reported UNKNOWN(systemic) and none is revoked.
 
-:class:`RequestBudget` and :class:`Lease` are here too: both are pure logic
-over an injected clock (and Vault for the lease); ``daemon.py`` decides when
-they run.
+A status the checker writes to Vault is announced once, as
+``KeyStatusChanged(cause=CHECK)`` through ``emit``; what happens next (caches,
+copies, metrics, alerts) is the listeners' business. ``daemon/`` decides when
+checks run.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -43,19 +43,19 @@ import structlog
 from backpack_vault.backpack.rest import ClockSync, Exchange, ExchangeStatus
 from backpack_vault.backpack.signing import Signer, verify
 from backpack_vault.config import Secret
+from backpack_vault.core.caches import RateLimiter
 from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status
 from backpack_vault.core.verdicts import CheckResult, ProbeResponse, Rule, Verdict, classify
 from backpack_vault.errors import InvalidInput, KeyMismatch, ServiceError, UnknownKey, WriteConflict
-from backpack_vault.vault.client import Vault
+from backpack_vault.events import Cause, KeyStatusChanged, Listener
+from backpack_vault.vault.port import VaultPort
 
 __all__ = [
     "DEFAULT_BUDGET_PER_MINUTE",
     "PROBE_WINDOW_MS",
     "REMEASURE_S",
     "Checker",
-    "Lease",
-    "OnChange",
     "RequestBudget",
 ]
 
@@ -68,14 +68,14 @@ REMEASURE_S: Final = 5.0  # reuse an Ok status and a measured clock offset this 
 _PROBED: Final = frozenset({Status.PENDING, Status.ACTIVE})
 
 
-OnChange = Callable[[KeyRecord, KeyRecord, CheckResult], None]
-
-
 # -- the per-sub-account request budget ----------------------------------------------------------
 
 
 class RequestBudget:
-    """A token bucket per sub-account: ``per_minute`` requests, refilled continuously."""
+    """``per_minute`` requests per sub-account, refilled continuously; thread-safe.
+
+    The bucket arithmetic is ``core.caches.RateLimiter``'s; this adds the lock and the clock.
+    """
 
     def __init__(
         self,
@@ -88,26 +88,16 @@ class RequestBudget:
         self.per_minute = per_minute
         self._clock = clock
         self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # sub -> (tokens, at)
-
-    def _refilled(self, subaccount: str, now: float) -> float:
-        tokens, at = self._buckets.get(subaccount, (float(self.per_minute), now))
-        return min(float(self.per_minute), tokens + (now - at) * self.per_minute / 60)
+        self._limiter: RateLimiter[str] = RateLimiter(per_minute, per=60.0)
 
     def try_acquire(self, subaccount: str, cost: float = 1.0) -> bool:
         """Take ``cost`` requests from the sub-account's bucket; False (and take none) if short."""
         with self._lock:
-            now = self._clock()
-            tokens = self._refilled(subaccount, now)
-            if tokens < cost:
-                self._buckets[subaccount] = (tokens, now)
-                return False
-            self._buckets[subaccount] = (tokens - cost, now)
-            return True
+            return self._limiter.try_acquire(subaccount, now=self._clock(), cost=cost)
 
     def remaining(self, subaccount: str) -> float:
         with self._lock:
-            return self._refilled(subaccount, self._clock())
+            return self._limiter.remaining(subaccount, now=self._clock())
 
 
 # -- the checker ----------------------------------------------------------------------------------
@@ -124,136 +114,43 @@ class _Outcome:
         self.probes = 0
 
 
-class Checker:
-    """Checks keys against Backpack; writes a key's status to Vault only when it changes."""
+class _Evaluator:
+    """Reads a key and asks Backpack about it: a verdict, never a Vault write.
+
+    The exchange's own status and clock offset are shared by every check for
+    ``remeasure_s`` once measured successfully.
+    """
 
     def __init__(
         self,
-        vault: Vault,
+        vault: VaultPort,
         exchange: Exchange,
         *,
-        clock: Callable[[], float] = time.time,
-        budget: RequestBudget | None = None,
-        on_change: OnChange | None = None,
-        window_ms: int = PROBE_WINDOW_MS,
-        confirm_delay_s: float = 1.0,
-        sleep: Callable[[float], None] = time.sleep,
-        systemic_min_keys: int = SYSTEMIC_MIN_KEYS,
-        remeasure_s: float = REMEASURE_S,
-        systemic_window_s: float = 3600.0,
+        clock: Callable[[], float],
+        budget: RequestBudget,
+        window_ms: int,
+        confirm_delay_s: float,
+        sleep: Callable[[float], None],
+        remeasure_s: float,
     ) -> None:
         self._vault = vault
         self._exchange = exchange
         self._clock = clock
-        self._budget = budget or RequestBudget()
-        self._on_change = on_change
+        self._budget = budget
         self._window_ms = window_ms
         self._confirm_delay_s = confirm_delay_s
         self._sleep = sleep
-        self._systemic_min_keys = systemic_min_keys
         self._running: set[KeyRef] = set()
         self._running_lock = threading.Lock()
-        # What single checks saw lately, for the systemic guard (see check()).
-        self._memory_lock = threading.Lock()
-        self._accepted: dict[KeyRef, float] = {}
-        self._rejected: dict[KeyRef, float] = {}
-        self._systemic_window_s = systemic_window_s
         self._remeasure_s = remeasure_s
         self._measured_lock = threading.Lock()
         self._status_ok: tuple[float, ExchangeStatus] | None = None  # (when, the Ok answer)
         self._synced_at: float | None = None  # when the offset was last measured successfully
 
-    # -- public ---------------------------------------------------------------------------
-
-    def check(self, ref: KeyRef) -> CheckResult:
-        """Check one key; raises UnknownKey, VaultUnavailable, ... from reading it.
-
-        A confirmed rejection of an active key is cross-checked before it revokes:
-        the most recently accepted other key is probed once. If Backpack accepts
-        it, the rejection is this key's own and it is revoked; if Backpack rejects
-        that key too, the change is on Backpack's side: UNKNOWN(systemic), an
-        alert, and nothing revoked. With no other key accepted lately, rejections
-        of ``systemic_min_keys`` keys within one window count as systemic.
-        """
-        result, record = self._evaluate(ref)
-        if record is not None and record.status is Status.ACTIVE:
-            result = self._cross_check(ref, result)
-        return self._settle(record, result)
-
-    def check_many(self, refs: Iterable[KeyRef], *, concurrency: int = 1) -> list[CheckResult]:
-        """Check several keys (a sweep) with the systemic guard; Vault errors become UNKNOWN."""
-        refs = list(refs)
-        if concurrency > 1 and len(refs) > 1:
-            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="check") as pool:
-                evaluated = list(pool.map(self._evaluate_in_sweep, refs))
-        else:
-            evaluated = [self._evaluate_in_sweep(ref) for ref in refs]
-        found = [item for item in evaluated if item is not None]
-        found = self._systemic_guard(found)
-        results = []
-        for result, record in found:
-            try:
-                results.append(self._settle(record, result))
-            except ServiceError as exc:
-                log.warning("check.status_write_failed", key=str(result.ref), error=exc.message)
-                results.append(result)
-        return results
-
-    # -- the systemic guard for single checks ------------------------------------------------
-
-    def _cross_check(self, ref: KeyRef, result: CheckResult) -> CheckResult:
-        if result.verdict is Verdict.VALID:
-            with self._memory_lock:
-                self._accepted[ref] = self._clock()
-                self._rejected.pop(ref, None)
-            return result
-        if result.verdict is not Verdict.REJECTED:
-            return result
-        return self._confirm_rejection_is_specific(ref, result)
-
-    def _confirm_rejection_is_specific(self, ref: KeyRef, result: CheckResult) -> CheckResult:
-        now = self._clock()
-        with self._memory_lock:
-            self._accepted.pop(ref, None)
-            self._rejected[ref] = now
-            horizon = now - self._systemic_window_s
-            for stale in [k for k, t in self._rejected.items() if t < horizon]:
-                del self._rejected[stale]
-            others = sorted(
-                ((t, k) for k, t in self._accepted.items() if k != ref and t >= horizon),
-                reverse=True,
-            )
-            rejected_lately = len(self._rejected)
-        if not others:
-            if rejected_lately >= self._systemic_min_keys:
-                return self._systemic(result, rejected_lately)
-            return result
-        control = others[0][1]
-        control_result, _ = self._evaluate(control)
-        with self._memory_lock:
-            if control_result.verdict is Verdict.VALID:
-                self._accepted[control] = self._clock()
-            elif control_result.verdict is Verdict.REJECTED:
-                self._accepted.pop(control, None)
-                self._rejected[control] = self._clock()
-        if control_result.verdict is Verdict.VALID:
-            return result
-        if control_result.verdict is Verdict.REJECTED:
-            return self._systemic(result, rejected_lately + 1)
-        log.warning("check.control_inconclusive", key=str(ref), control=str(control))
-        return replace(result, verdict=Verdict.UNKNOWN, reason="unconfirmed_rejection")
-
-    @staticmethod
-    def _systemic(result: CheckResult, keys: int) -> CheckResult:
-        log.error("check.systemic", key=str(result.ref), keys_rejected=keys)
-        return replace(result, verdict=Verdict.UNKNOWN, reason="systemic", alert=True)
-
-    # -- evaluation (no Vault writes) ---------------------------------------------------------
-
     def _now_iso(self) -> str:
         return iso_utc(self._clock())
 
-    def _result(
+    def result(
         self,
         ref: KeyRef,
         verdict: Verdict,
@@ -279,20 +176,10 @@ class Checker:
             old_status=old,
         )
 
-    def _evaluate_in_sweep(self, ref: KeyRef) -> tuple[CheckResult, KeyRecord | None] | None:
-        try:
-            return self._evaluate(ref)
-        except UnknownKey:
-            log.info("check.key_gone", key=str(ref))
-            return None
-        except ServiceError as exc:
-            log.warning("check.vault_error", key=str(ref), error=exc.message)
-            return self._result(ref, Verdict.UNKNOWN, "vault_unavailable"), None
-
-    def _evaluate(self, ref: KeyRef) -> tuple[CheckResult, KeyRecord | None]:
+    def evaluate(self, ref: KeyRef) -> tuple[CheckResult, KeyRecord | None]:
         with self._running_lock:
             if ref in self._running:
-                return self._result(ref, Verdict.UNKNOWN, "already_running"), None
+                return self.result(ref, Verdict.UNKNOWN, "already_running"), None
             self._running.add(ref)
         try:
             record, secret = self._vault.read_key(ref)
@@ -315,21 +202,21 @@ class Checker:
     def _evaluate_record(self, record: KeyRecord, secret: Secret) -> CheckResult:
         ref, old = record.ref, record.status
         if old not in _PROBED:
-            return self._result(ref, Verdict.UNKNOWN, "not_probed", old=old)
+            return self.result(ref, Verdict.UNKNOWN, "not_probed", old=old)
         signer = _local_check(record, secret)
         if isinstance(signer, str):
-            return self._result(ref, Verdict.MISCONFIGURED, signer, old=old, alert=True)
+            return self.result(ref, Verdict.MISCONFIGURED, signer, old=old, alert=True)
         return self._remote(record, signer)
 
     def _remote(self, record: KeyRecord, signer: Signer) -> CheckResult:
         ref, old = record.ref, record.status
         outcome = _Outcome(ref)
         if not self._budget.try_acquire(outcome.sub):
-            return self._result(ref, Verdict.UNKNOWN, "rate_limited", old=old)
+            return self.result(ref, Verdict.UNKNOWN, "rate_limited", old=old)
         status = self._status()
         if not status.ok:
             if status.maintenance:
-                return self._result(
+                return self.result(
                     ref, Verdict.UNKNOWN, "maintenance", response=status.response, old=old
                 )
             return self._unsigned_failure(ref, status.response, old)
@@ -384,10 +271,10 @@ class Checker:
         """A public route failed: only the table's UNKNOWN reasons apply (nothing was signed)."""
         rule = classify(response)
         if rule.verdict is Verdict.UNKNOWN and not rule.resync:
-            return self._result(
+            return self.result(
                 ref, Verdict.UNKNOWN, rule.reason, response=response, rule=rule, old=old
             )
-        return self._result(
+        return self.result(
             ref, Verdict.UNKNOWN, "unexpected_response", response=response, old=old, alert=True
         )
 
@@ -404,7 +291,7 @@ class Checker:
             if sync is not None and not sync.ok:
                 return self._unsigned_failure(outcome.ref, sync.response, old)
             if not (budgeted and attempt == 0) and not self._budget.try_acquire(outcome.sub):
-                return self._result(
+                return self.result(
                     outcome.ref, Verdict.UNKNOWN, "rate_limited", outcome=outcome, old=old
                 )
             outcome.probes += 1
@@ -416,7 +303,7 @@ class Checker:
                 log.info(
                     "check.clock_resync", key=str(outcome.ref), offset_ms=self._exchange.offset_ms
                 )
-        return self._result(
+        return self.result(
             outcome.ref,
             rule.verdict,
             rule.reason,
@@ -426,29 +313,149 @@ class Checker:
             old=old,
         )
 
-    def _systemic_guard(
-        self, found: list[tuple[CheckResult, KeyRecord | None]]
-    ) -> list[tuple[CheckResult, KeyRecord | None]]:
-        probed = [(r, rec) for r, rec in found if r.probes > 0]
-        would_revoke = any(rec is not None and rec.status is Status.ACTIVE for _, rec in probed)
-        if (
-            len(probed) < self._systemic_min_keys
-            or not would_revoke
-            or any(r.verdict is not Verdict.REJECTED for r, _ in probed)
-        ):
-            return found
-        log.error("check.systemic", keys=len(probed), reasons=sorted({r.reason for r, _ in probed}))
-        return [
-            (replace(r, verdict=Verdict.UNKNOWN, reason="systemic", alert=True), rec)
-            if r.probes > 0
-            else (r, rec)
-            for r, rec in found
-        ]
+
+class Checker:
+    """Checks keys against Backpack; writes a key's status to Vault only when it changes.
+
+    ``emit`` receives one ``KeyStatusChanged(cause=CHECK)`` per status written.
+    """
+
+    def __init__(
+        self,
+        vault: VaultPort,
+        exchange: Exchange,
+        *,
+        clock: Callable[[], float] = time.time,
+        budget: RequestBudget | None = None,
+        emit: Listener | None = None,
+        on_change: Listener | None = None,
+        window_ms: int = PROBE_WINDOW_MS,
+        confirm_delay_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        systemic_min_keys: int = SYSTEMIC_MIN_KEYS,
+        remeasure_s: float = REMEASURE_S,
+        systemic_window_s: float = 3600.0,
+    ) -> None:
+        self._vault = vault
+        self._clock = clock
+        # on_change: the old name of emit, still passed by cli.py's `keys check`.
+        self._emit = emit or on_change
+        self._evaluator = _Evaluator(
+            vault,
+            exchange,
+            clock=clock,
+            budget=budget or RequestBudget(),
+            window_ms=window_ms,
+            confirm_delay_s=confirm_delay_s,
+            sleep=sleep,
+            remeasure_s=remeasure_s,
+        )
+        self._systemic_min_keys = systemic_min_keys
+        self._systemic_window_s = systemic_window_s
+        # What single checks saw lately, for the systemic guard (see check()).
+        self._memory_lock = threading.Lock()
+        self._accepted: dict[KeyRef, float] = {}
+        self._rejected: dict[KeyRef, float] = {}
+
+    # -- public ---------------------------------------------------------------------------
+
+    def check(self, ref: KeyRef) -> CheckResult:
+        """Check one key; raises UnknownKey, VaultUnavailable, ... from reading it.
+
+        A confirmed rejection of an active key is cross-checked before it revokes:
+        the most recently accepted other key is probed once. If Backpack accepts
+        it, the rejection is this key's own and it is revoked; if Backpack rejects
+        that key too, the change is on Backpack's side: UNKNOWN(systemic), an
+        alert, and nothing revoked. With no other key accepted lately, rejections
+        of ``systemic_min_keys`` keys within one window count as systemic.
+        """
+        result, record = self._evaluator.evaluate(ref)
+        if record is not None and record.status is Status.ACTIVE:
+            result = self._cross_check(ref, result)
+        return self._settle(record, result)
+
+    def check_many(self, refs: Iterable[KeyRef], *, concurrency: int = 1) -> list[CheckResult]:
+        """Check several keys (a sweep) with the systemic guard; Vault errors become UNKNOWN."""
+        refs = list(refs)
+        if concurrency > 1 and len(refs) > 1:
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="check") as pool:
+                evaluated = list(pool.map(self._evaluate_in_sweep, refs))
+        else:
+            evaluated = [self._evaluate_in_sweep(ref) for ref in refs]
+        found = [item for item in evaluated if item is not None]
+        found = _sweep_guard(found, self._systemic_min_keys)
+        results = []
+        for result, record in found:
+            try:
+                results.append(self._settle(record, result))
+            except ServiceError as exc:
+                log.warning("check.status_write_failed", key=str(result.ref), error=exc.message)
+                results.append(result)
+        return results
+
+    # -- the systemic guard for single checks ------------------------------------------------
+
+    def _cross_check(self, ref: KeyRef, result: CheckResult) -> CheckResult:
+        if result.verdict is Verdict.VALID:
+            with self._memory_lock:
+                self._accepted[ref] = self._clock()
+                self._rejected.pop(ref, None)
+            return result
+        if result.verdict is not Verdict.REJECTED:
+            return result
+        return self._confirm_rejection_is_specific(ref, result)
+
+    def _confirm_rejection_is_specific(self, ref: KeyRef, result: CheckResult) -> CheckResult:
+        now = self._clock()
+        with self._memory_lock:
+            self._accepted.pop(ref, None)
+            self._rejected[ref] = now
+            horizon = now - self._systemic_window_s
+            for stale in [k for k, t in self._rejected.items() if t < horizon]:
+                del self._rejected[stale]
+            others = sorted(
+                ((t, k) for k, t in self._accepted.items() if k != ref and t >= horizon),
+                reverse=True,
+            )
+            rejected_lately = len(self._rejected)
+        if not others:
+            if rejected_lately >= self._systemic_min_keys:
+                return self._systemic(result, rejected_lately)
+            return result
+        control = others[0][1]
+        control_result, _ = self._evaluator.evaluate(control)
+        with self._memory_lock:
+            if control_result.verdict is Verdict.VALID:
+                self._accepted[control] = self._clock()
+            elif control_result.verdict is Verdict.REJECTED:
+                self._accepted.pop(control, None)
+                self._rejected[control] = self._clock()
+        if control_result.verdict is Verdict.VALID:
+            return result
+        if control_result.verdict is Verdict.REJECTED:
+            return self._systemic(result, rejected_lately + 1)
+        log.warning("check.control_inconclusive", key=str(ref), control=str(control))
+        return replace(result, verdict=Verdict.UNKNOWN, reason="unconfirmed_rejection")
+
+    @staticmethod
+    def _systemic(result: CheckResult, keys: int) -> CheckResult:
+        log.error("check.systemic", key=str(result.ref), keys_rejected=keys)
+        return replace(result, verdict=Verdict.UNKNOWN, reason="systemic", alert=True)
+
+    def _evaluate_in_sweep(self, ref: KeyRef) -> tuple[CheckResult, KeyRecord | None] | None:
+        try:
+            return self._evaluator.evaluate(ref)
+        except UnknownKey:
+            log.info("check.key_gone", key=str(ref))
+            return None
+        except ServiceError as exc:
+            log.warning("check.vault_error", key=str(ref), error=exc.message)
+            return self._evaluator.result(ref, Verdict.UNKNOWN, "vault_unavailable"), None
 
     # -- the only Vault write ---------------------------------------------------------------
 
     def _settle(self, record: KeyRecord | None, result: CheckResult) -> CheckResult:
-        """Write the status when the verdict changes it; call ``on_change``."""
+        """Write the status when the verdict changes it; emit the change once."""
         if record is None:
             return result
         old = record.status
@@ -474,15 +481,40 @@ class Checker:
             new=new.value,
             verdict=result.label,
         )
-        if self._on_change is not None:
+        if self._emit is not None:
+            event = KeyStatusChanged(
+                record.ref, old, new, Cause.CHECK, record=updated, result=result
+            )
             try:
-                self._on_change(record, updated, result)
+                self._emit(event)
             except Exception as exc:  # noqa: BLE001 - the cascade must not undo a recorded change
                 # Not log.exception: a rendered traceback may show locals (the records).
+                # The event name predates emit; log queries rely on it.
                 log.error(  # noqa: TRY400
                     "check.on_change_failed", key=str(record.ref), error=type(exc).__name__
                 )
         return result
+
+
+def _sweep_guard(
+    found: list[tuple[CheckResult, KeyRecord | None]], min_keys: int
+) -> list[tuple[CheckResult, KeyRecord | None]]:
+    """Every probed key of a sweep rejected, one of them active: Backpack changed, not they."""
+    probed = [(r, rec) for r, rec in found if r.probes > 0]
+    would_revoke = any(rec is not None and rec.status is Status.ACTIVE for _, rec in probed)
+    if (
+        len(probed) < min_keys
+        or not would_revoke
+        or any(r.verdict is not Verdict.REJECTED for r, _ in probed)
+    ):
+        return found
+    log.error("check.systemic", keys=len(probed), reasons=sorted({r.reason for r, _ in probed}))
+    return [
+        (replace(r, verdict=Verdict.UNKNOWN, reason="systemic", alert=True), rec)
+        if r.probes > 0
+        else (r, rec)
+        for r, rec in found
+    ]
 
 
 def _local_check(record: KeyRecord, secret: Secret) -> Signer | str:
@@ -497,96 +529,3 @@ def _local_check(record: KeyRecord, secret: Secret) -> Signer | str:
     if not verify(record.api_key, message, signer.sign(message)):
         return "signature_invalid"
     return signer
-
-
-# -- the leader lease ---------------------------------------------------------------------------
-
-
-class Lease:
-    """One leader among replicas: a KV document renewed with check-and-set.
-
-    The document holds ``holder`` and ``expires_at`` (epoch seconds). A holder
-    renews before expiry; anyone may take over once it has expired. Every write
-    carries the version just read, so two contenders never both win.
-    """
-
-    def __init__(
-        self,
-        vault: Vault,
-        holder: str | None = None,
-        *,
-        ttl_s: float = 30.0,
-        clock: Callable[[], float] = time.time,
-        name: str = "leader",
-    ) -> None:
-        self._vault = vault
-        self.holder = holder or f"replica-{uuid.uuid4().hex[:12]}"
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._name = name
-        self._expires_at = 0.0
-
-    def held(self, now: float | None = None) -> bool:
-        """Whether this replica holds an unexpired lease, as far as it last knew."""
-        return (self._clock() if now is None else now) < self._expires_at
-
-    def acquire_or_renew(self, now: float | None = None) -> bool:
-        """Take the lease if free or expired, renew it if ours; False when another holds it."""
-        now = self._clock() if now is None else now
-        try:
-            current = self._vault.read_document(self._name)
-            cas = 0
-            if current is not None:
-                data, cas = current
-                holder = str(data.get("holder", ""))
-                expires_at = _float(data.get("expires_at"))
-                if holder != self.holder and expires_at > now:
-                    self._expires_at = 0.0
-                    return False
-            self._vault.write_document(
-                self._name,
-                {"holder": self.holder, "expires_at": now + self.ttl_s, "renewed_at": now},
-                cas=cas,
-            )
-        except WriteConflict:
-            log.info("lease.lost_race", holder=self.holder)
-            self._expires_at = 0.0
-            return False
-        except ServiceError as exc:
-            log.warning("lease.unavailable", holder=self.holder, error=exc.message)
-            self._expires_at = 0.0
-            return False
-        if self._expires_at <= now:
-            log.info("lease.acquired", holder=self.holder, ttl_s=self.ttl_s)
-        self._expires_at = now + self.ttl_s
-        return True
-
-    def release(self) -> None:
-        """Give the lease up now (on shutdown) so another replica need not wait for expiry."""
-        was_held = self._expires_at > 0
-        self._expires_at = 0.0
-        if not was_held:
-            return
-        now = self._clock()
-        try:
-            current = self._vault.read_document(self._name)
-            if current is None or current[0].get("holder") != self.holder:
-                return
-            self._vault.write_document(
-                self._name,
-                {"holder": self.holder, "expires_at": 0, "released_at": now},
-                cas=current[1],
-            )
-        except ServiceError as exc:
-            log.warning("lease.release_failed", holder=self.holder, error=exc.message)
-            return
-        log.info("lease.released", holder=self.holder)
-
-
-def _float(value: object) -> float:
-    if isinstance(value, int | float | str):
-        try:
-            return float(value)
-        except ValueError:
-            return 0.0
-    return 0.0

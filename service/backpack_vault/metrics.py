@@ -4,6 +4,9 @@ Labels carry key names, instructions, outcomes and verdicts only: never a
 token, a secret, a signature or a caller's identity. Label values that come
 from requests are bounded by the caller (``api.py`` labels a key only once the
 broker has found it), so a client cannot grow the series without limit.
+
+Status changes arrive as events (:meth:`Metrics.on_event`): the key status
+gauge is set once per change, and revoked copies are counted.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from prometheus_client import (
 )
 
 from backpack_vault.core.keys import Status
+from backpack_vault.events import Cause, CopiesRevoked, Event, KeyStatusChanged
 
 __all__ = ["NO_KEY", "Metrics"]
 
@@ -35,6 +39,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._declare_worker_api(registry)
+        self._declare_vault_session(registry)
+        self._declare_checks(registry)
+        self.vault_authenticated.set(0)
+        self.vault_reachable.set(0)
+
+    def _declare_worker_api(self, registry: CollectorRegistry) -> None:
         self.handouts = Counter(
             "backpack_vault_handouts",
             "Wrapped copies requested, by key and outcome (ok or an error code).",
@@ -71,6 +82,8 @@ class Metrics:
             "Wrapping tokens handed out whose TTL has not yet run out (claimed or not).",
             registry=registry,
         )
+
+    def _declare_vault_session(self, registry: CollectorRegistry) -> None:
         self.vault_reachable = Gauge(
             "backpack_vault_vault_reachable",
             "1 when the last Vault health check succeeded.",
@@ -92,6 +105,8 @@ class Metrics:
             ["kind", "outcome"],
             registry=registry,
         )
+
+    def _declare_checks(self, registry: CollectorRegistry) -> None:
         self.checks = Counter(
             "backpack_vault_checks",
             "Liveness check verdicts, by key, verdict and reason.",
@@ -125,8 +140,6 @@ class Metrics:
             "Unclaimed copies revoked because their key was revoked or retired.",
             registry=registry,
         )
-        self.vault_authenticated.set(0)
-        self.vault_reachable.set(0)
 
     # -- the worker API -------------------------------------------------------------------
 
@@ -158,6 +171,18 @@ class Metrics:
 
     def observe_renewal(self, kind: str, outcome: str) -> None:
         self.renewals.labels(kind=kind, outcome=outcome).inc()
+
+    # -- status changes, as events ----------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        """Listener: a changed status sets the gauge; a deleted key drops its series."""
+        if isinstance(event, KeyStatusChanged):
+            if event.cause is Cause.DELETED:
+                self.forget_key(str(event.ref))
+            else:
+                self.set_key_status(str(event.ref), event.new)
+        elif isinstance(event, CopiesRevoked):
+            self.observe_revocations(event.count)
 
     # -- liveness checks (recorded by the daemon from checks.py's results) ----------------
 

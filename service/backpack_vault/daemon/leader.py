@@ -1,0 +1,269 @@
+"""Leadership: one replica at a time checks keys; it holds the lease and keeps the key set.
+
+::
+
+    hold_lease()   job: acquire or renew the lease; on gaining it sync at once,
+                   on losing it drop every check job
+    sync_keys()    job, leader only: one check job per pending or active key;
+                   keys added, retired or deleted in Vault are picked up without a restart
+    run_check()    the check job of one key: verdict -> metrics; a final key leaves the schedule
+
+Every replica serves workers; only the leader probes Backpack. The lease is a
+KV document written with check-and-set, so two replicas never both hold it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from backpack_vault.checks import Checker
+from backpack_vault.core.keys import KeyRecord, KeyRef, Status
+from backpack_vault.core.verdicts import CheckResult
+from backpack_vault.daemon.jobs import Scheduler
+from backpack_vault.errors import ServiceError, UnknownKey, WriteConflict
+from backpack_vault.logging import get_logger
+from backpack_vault.metrics import Metrics
+from backpack_vault.vault.port import VaultPort
+
+__all__ = ["Leadership", "Lease"]
+
+log = get_logger("backpack_vault.daemon")
+
+_SCHEDULED = frozenset({Status.PENDING, Status.ACTIVE})
+_NEVER_CHECKED = frozenset({Status.REVOKED, Status.RETIRED, Status.INCOMPLETE})
+
+
+class Lease:
+    """One leader among replicas: a KV document renewed with check-and-set.
+
+    The document holds ``holder`` and ``expires_at`` (epoch seconds). A holder
+    renews before expiry; anyone may take over once it has expired. Every write
+    carries the version just read, so two contenders never both win.
+    """
+
+    def __init__(
+        self,
+        vault: VaultPort,
+        holder: str | None = None,
+        *,
+        ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        name: str = "leader",
+    ) -> None:
+        self._vault = vault
+        self.holder = holder or f"replica-{uuid.uuid4().hex[:12]}"
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._name = name
+        self._expires_at = 0.0
+
+    def held(self, now: float | None = None) -> bool:
+        """Whether this replica holds an unexpired lease, as far as it last knew."""
+        return (self._clock() if now is None else now) < self._expires_at
+
+    def acquire_or_renew(self, now: float | None = None) -> bool:
+        """Take the lease if free or expired, renew it if ours; False when another holds it."""
+        now = self._clock() if now is None else now
+        try:
+            current = self._vault.read_document(self._name)
+            cas = 0
+            if current is not None:
+                data, cas = current
+                holder = str(data.get("holder", ""))
+                expires_at = _float(data.get("expires_at"))
+                if holder != self.holder and expires_at > now:
+                    self._expires_at = 0.0
+                    return False
+            self._vault.write_document(
+                self._name,
+                {"holder": self.holder, "expires_at": now + self.ttl_s, "renewed_at": now},
+                cas=cas,
+            )
+        except WriteConflict:
+            log.info("lease.lost_race", holder=self.holder)
+            self._expires_at = 0.0
+            return False
+        except ServiceError as exc:
+            log.warning("lease.unavailable", holder=self.holder, error=exc.message)
+            self._expires_at = 0.0
+            return False
+        if self._expires_at <= now:
+            log.info("lease.acquired", holder=self.holder, ttl_s=self.ttl_s)
+        self._expires_at = now + self.ttl_s
+        return True
+
+    def release(self) -> None:
+        """Give the lease up now (on shutdown) so another replica need not wait for expiry."""
+        was_held = self._expires_at > 0
+        self._expires_at = 0.0
+        if not was_held:
+            return
+        now = self._clock()
+        try:
+            current = self._vault.read_document(self._name)
+            if current is None or current[0].get("holder") != self.holder:
+                return
+            self._vault.write_document(
+                self._name,
+                {"holder": self.holder, "expires_at": 0, "released_at": now},
+                cas=current[1],
+            )
+        except ServiceError as exc:
+            log.warning("lease.release_failed", holder=self.holder, error=exc.message)
+            return
+        log.info("lease.released", holder=self.holder)
+
+
+def _float(value: object) -> float:
+    if isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+class Leadership:
+    """While this replica holds the lease, one check job per pending or active key."""
+
+    def __init__(
+        self,
+        vault: VaultPort,
+        lease: Lease,
+        scheduler: Scheduler,
+        checker: Checker,
+        metrics: Metrics,
+        *,
+        interval_s: float,
+        jitter_s: float,
+        alert: Callable[[CheckResult], None] | None = None,
+    ) -> None:
+        """``alert`` receives results that need a human without changing a status."""
+        self._vault = vault
+        self.lease = lease
+        self._scheduler = scheduler
+        self._checker = checker
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._jitter_s = jitter_s
+        self._alert = alert
+        self.held = False
+        self._checked: dict[KeyRef, str] = {}  # ref -> scheduler job id, while leader
+        self._final: set[KeyRef] = set()  # revoked, retired or incomplete: never checked again
+        # Leadership changes and the set of check jobs change together, under this lock.
+        self._lock = threading.RLock()
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def hold_lease(self) -> None:
+        """Job: acquire or renew the leader lease; start or stop scheduling checks with it."""
+        leader = self.lease.acquire_or_renew()
+        with self._lock:
+            if leader and not self.held:
+                log.info("checks.leader_acquired", holder=self.lease.holder)
+                self.held = True
+                self._scheduler.run_soon(self.sync_keys, job_id="checks.sync.now")
+            elif not leader and self.held:
+                log.warning("checks.leader_lost", holder=self.lease.holder)
+                self.held = False
+                for ref in list(self._checked):
+                    self.unschedule(ref)
+            self._metrics.set_leader(leader=self.held)
+
+    def sync_keys(self) -> None:
+        """Job: one check job per pending or active key, leader only."""
+        if not self.held:
+            return
+        try:
+            # Names only, then the metadata of keys not seen before: a sync costs a few
+            # list calls, not one read per key. Scheduled keys learn their status when checked.
+            refs = set(self._vault.list_refs())
+            with self._lock:
+                known = set(self._checked) | self._final
+            new = [r for r in map(self._read_if_present, sorted(refs - known)) if r is not None]
+        except ServiceError as exc:
+            log.warning("checks.sync_failed", error=exc.code, detail=exc.message)
+            return
+        with self._lock:
+            for gone in (set(self._checked) | self._final) - refs:
+                self._metrics.forget_key(str(gone))  # deleted from Vault: drop its status series
+            self._final = {ref for ref in self._final if ref in refs} | {
+                r.ref for r in new if r.status in _NEVER_CHECKED
+            }
+            wanted = (refs & set(self._checked)) | {r.ref for r in new if r.status in _SCHEDULED}
+            # Listing takes a while with many keys: if the lease was lost meanwhile, the jobs
+            # are gone and must stay gone, or two replicas would check every key.
+            if self.held:
+                self._schedule_exactly(wanted)
+
+    def run_check(self, ref: KeyRef, trigger: str = "schedule") -> CheckResult | None:
+        """Job: one liveness check of one key; never raises into the scheduler."""
+        try:
+            result = self._checker.check(ref)
+        except UnknownKey:
+            log.info("check.key_gone", key=str(ref))
+            self.unschedule(ref)
+            return None
+        except ServiceError as exc:
+            log.warning("check.failed", key=str(ref), error=exc.code, detail=exc.message)
+            return None
+        self._metrics.record_check(str(ref), result.verdict.value, result.reason)
+        if trigger != "schedule":
+            log.info("check.triggered", key=str(ref), trigger=trigger, verdict=result.label)
+        if result.alert and self._alert is not None:
+            self._alert(result)
+        if result.new_status is None and result.old_status is not None:
+            # Unchanged: the gauge shows what the check saw. A change reaches the gauge as
+            # a KeyStatusChanged event.
+            self._metrics.set_key_status(str(ref), result.old_status)
+        status = result.new_status or result.old_status
+        if status is not None and status.final:  # revoked here, or retired elsewhere
+            with self._lock:
+                self.unschedule(ref)
+                self._final.add(ref)
+        return result
+
+    # -- the set of check jobs ------------------------------------------------------------
+
+    def unschedule(self, ref: KeyRef) -> None:
+        with self._lock:
+            job_id = self._checked.pop(ref, None)
+            if job_id is not None:
+                self._scheduler.remove_job(job_id)
+
+    def release(self) -> None:
+        """On shutdown: give the lease up so another replica takes over at once."""
+        with self._lock:
+            if self.held:
+                self.lease.release()
+                self.held = False
+
+    def _schedule_exactly(self, wanted: Iterable[KeyRef]) -> None:
+        wanted = set(wanted)
+        for ref in set(self._checked) - wanted:
+            self.unschedule(ref)
+        for ref in sorted(wanted - set(self._checked)):
+            job_id = f"check:{ref}"
+            self._scheduler.add_job(
+                self.run_check,
+                seconds=self._interval_s,
+                job_id=job_id,
+                jitter=self._jitter_s,
+                # Spread first runs over the interval: a restart does not probe every key
+                # at once.
+                first_run_in=random.uniform(0, self._interval_s),  # noqa: S311 - spreading
+                args=(ref,),
+                executor="checks",
+            )
+            self._checked[ref] = job_id
+        self._metrics.set_checked_keys(len(self._checked))
+
+    def _read_if_present(self, ref: KeyRef) -> KeyRecord | None:
+        try:
+            return self._vault.read_record(ref)
+        except UnknownKey:  # deleted between the listing and the read
+            return None
