@@ -310,12 +310,16 @@ class TestLifecycleCommands:
             assert result.exit_code == 5
             assert "main/ghost" in result.output
 
-    def test_a_revoked_key_cannot_be_revived(self, invoke: Invoke, vault: Vault) -> None:
-        """Status changes follow the lifecycle: revoked stays revoked."""
+    def test_a_retired_key_cannot_be_revived(self, invoke: Invoke, vault: Vault) -> None:
+        """Status changes follow the lifecycle: retired stays retired, and a revoked key
+        cannot be retired (only reinstated, after a VALID probe)."""
         invoke("keys", "add", "main/rv", "--api-key", KEY["api_key"], stdin=KEY["api_secret"])
-        vault.set_status(KeyRef("main", "rv"), Status.REVOKED, now="t", verdict="REJECTED")
+        other = generate_pair()
+        invoke("keys", "add", "main/rt", "--api-key", other.api_key, stdin=other.secret.reveal())
+        vault.set_status(KeyRef("main", "rt"), Status.RETIRED, now="t")
         with pytest.raises(WriteConflict, match="cannot become active"):
-            vault.set_status(KeyRef("main", "rv"), Status.ACTIVE, now="t")
+            vault.set_status(KeyRef("main", "rt"), Status.ACTIVE, now="t")
+        vault.set_status(KeyRef("main", "rv"), Status.REVOKED, now="t", verdict="REJECTED")
         result = invoke("keys", "retire", "main/rv")
         assert result.exit_code == 6
 

@@ -136,14 +136,18 @@ class TestLifecycle:
             (Status.ACTIVE, Status.REVOKED, True),
             (Status.ACTIVE, Status.RETIRED, True),
             (Status.ACTIVE, Status.PENDING, False),
-            (Status.REVOKED, Status.ACTIVE, False),
+            (Status.REVOKED, Status.ACTIVE, True),  # keys reinstate, after a VALID probe
+            (Status.REVOKED, Status.RETIRED, False),
+            (Status.REVOKED, Status.PENDING, False),
             (Status.RETIRED, Status.ACTIVE, False),
+            (Status.RETIRED, Status.REVOKED, False),
             (Status.INCOMPLETE, Status.RETIRED, True),
         ],
         ids=str,
     )
     def test_transitions(self, old: Status, new: Status, allowed: bool) -> None:
-        """Revoked and retired are final; pending becomes active; active can end."""
+        """Retired is final; revoked comes back only by reinstatement; pending becomes active;
+        active can end."""
         assert can_transition(old, new) is allowed
 
     @pytest.mark.parametrize("status", [Status.PENDING, Status.REVOKED, Status.RETIRED], ids=str)

@@ -2,11 +2,13 @@
 
 Lifecycle::
 
-    keys add ------> active --(REJECTED, confirmed)--> revoked
+    keys add ------> active --(REJECTED confirmed, or keys revoke)--> revoked
     keys generate -> pending --(VALID)--> active
-                     active/pending --(operator)--> retired
+                     active/pending --(keys retire)--> retired
+                     revoked --(keys reinstate: VALID from its own exchange)--> active
 
-Revoked and retired keys are final: never handed out again.
+Revoked and retired keys are never handed out; only ``keys reinstate`` brings a
+revoked key back. Each key records the exchange it belongs to.
 """
 
 from __future__ import annotations
@@ -25,15 +27,38 @@ from backpack_vault.config import Secret
 from backpack_vault.errors import InvalidInput, KeyMismatch, KeyNotUsable
 
 __all__ = [
+    "PRODUCTION_EXCHANGE",
     "KeyPair",
     "KeyRecord",
     "KeyRef",
     "Origin",
     "Status",
     "generate_pair",
+    "normalize_exchange",
     "parse_api_key",
     "parse_key_pair",
+    "parse_seed",
+    "same_exchange",
 ]
+
+# Backpack's production REST API: the exchange a key belongs to unless it says otherwise.
+PRODUCTION_EXCHANGE: Final = "https://api.backpack.exchange"
+
+
+def normalize_exchange(url: str) -> str:
+    """An exchange base URL as compared: lower-case scheme and host, no trailing slash."""
+    url = url.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.lower()
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}"
+
+
+def same_exchange(a: str, b: str) -> bool:
+    """Whether two base URLs name the same exchange."""
+    return normalize_exchange(a) == normalize_exchange(b)
+
 
 _PART: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 KEY_BYTES: Final = 32
@@ -83,7 +108,7 @@ class Status(enum.StrEnum):
 _ALLOWED: Final[dict[Status, frozenset[Status]]] = {
     Status.PENDING: frozenset({Status.ACTIVE, Status.RETIRED, Status.REVOKED}),
     Status.ACTIVE: frozenset({Status.REVOKED, Status.RETIRED}),
-    Status.REVOKED: frozenset(),
+    Status.REVOKED: frozenset({Status.ACTIVE}),  # keys reinstate, after a VALID probe
     Status.RETIRED: frozenset(),
     Status.INCOMPLETE: frozenset({Status.RETIRED}),
 }
@@ -191,6 +216,9 @@ class KeyRecord:
     last_verdict: str = ""
     last_checked_at: str = ""
     version: int = 0
+    exchange: str = PRODUCTION_EXCHANGE
+    status_reason: str = ""  # why the status last changed: a verdict, or the operator's words
+    status_by: str = ""  # who changed it: a Vault identity, or "check"
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -204,6 +232,9 @@ class KeyRecord:
             "label": self.label,
             "last_verdict": self.last_verdict,
             "last_checked_at": self.last_checked_at,
+            "exchange": self.exchange,
+            "status_reason": self.status_reason,
+            "status_by": self.status_by,
         }
         # Vault refuses empty custom_metadata values; absent means empty.
         return {k: v for k, v in meta.items() if v}
@@ -224,6 +255,9 @@ class KeyRecord:
                 last_verdict=meta.get("last_verdict", ""),
                 last_checked_at=meta.get("last_checked_at", ""),
                 version=version,
+                exchange=meta.get("exchange") or PRODUCTION_EXCHANGE,
+                status_reason=meta.get("status_reason", ""),
+                status_by=meta.get("status_by", ""),
             )
         except (KeyError, ValueError):
             return None
@@ -238,6 +272,7 @@ class KeyRecord:
         now: str,
         read_only: bool,
         label: str = "",
+        exchange: str = PRODUCTION_EXCHANGE,
     ) -> KeyRecord:
         """The record of a key being stored: copied from the web UI it is active at once;
         generated here it is pending until Backpack accepts it."""
@@ -250,6 +285,7 @@ class KeyRecord:
             created_at=now,
             status_since=now,
             label=label,
+            exchange=normalize_exchange(exchange),
         )
 
     @classmethod
@@ -285,4 +321,7 @@ class KeyRecord:
             "last_verdict": self.last_verdict,
             "last_checked_at": self.last_checked_at,
             "version": self.version,
+            "exchange": self.exchange,
+            "status_reason": self.status_reason,
+            "status_by": self.status_by,
         }

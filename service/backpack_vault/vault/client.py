@@ -24,6 +24,7 @@ import hvac.exceptions
 import requests
 
 from backpack_vault.config import Secret, VaultSettings, read_secret_file
+from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status, can_transition
 from backpack_vault.errors import (
     ConfigError,
@@ -35,7 +36,20 @@ from backpack_vault.errors import (
     VaultUnavailable,
     WriteConflict,
 )
-from backpack_vault.vault.port import TokenInfo, WrapInfo
+from backpack_vault.logging import get_logger
+from backpack_vault.vault.port import (
+    FEED_DOCUMENT,
+    FEED_KEEP,
+    Change,
+    ChangeFeed,
+    TokenInfo,
+    WrapInfo,
+)
+
+log = get_logger("backpack_vault.vault")
+
+_FEED_WRITE_ATTEMPTS: Final = 8
+_MAX_META_VALUE: Final = 512  # Vault's limit on one custom_metadata value
 
 __all__ = ["Capabilities", "Provisioner", "TokenInfo", "Vault", "WrapInfo"]
 
@@ -343,11 +357,16 @@ class Vault:
         now: str,
         verdict: str = "",
         expect: Status | None = None,
+        reason: str = "",
+        actor: str = "",
     ) -> KeyRecord:
-        """Move a key along its lifecycle, merging into custom_metadata.
+        """Move a key along its lifecycle, merging into custom_metadata, then publish the
+        change on the feed every replica polls (:meth:`read_changes`).
 
         Vault has no check-and-set on metadata, so the current status is read
         and the transition validated first; only the status fields are patched.
+        ``reason`` and ``actor`` record why and by whom (a verdict and "check", or
+        the operator's words and Vault identity).
         """
         current = self.read_record(ref)
         if expect is not None and current.status is not expect:
@@ -356,7 +375,13 @@ class Vault:
             return current
         if not can_transition(current.status, new):
             raise WriteConflict(str(ref), f"a {current.status} key cannot become {new}")
-        patch = {"status": new.value, "status_since": now}
+        patch: dict[str, str | None] = {
+            "status": new.value,
+            "status_since": now,
+            # null removes a field in a merge patch: Vault refuses empty values.
+            "status_reason": reason[:_MAX_META_VALUE] or None,
+            "status_by": actor[:_MAX_META_VALUE] or None,
+        }
         if verdict:
             patch |= {"last_verdict": verdict, "last_checked_at": now}
         path = self._path(ref)
@@ -367,16 +392,53 @@ class Vault:
                 json={"custom_metadata": patch},
                 headers={"Content-Type": "application/merge-patch+json"},
             )
+        self.publish_change(ref, new, at=now)
         return self.read_record(ref)
 
     def delete_key(self, ref: KeyRef) -> None:
-        """Delete every version and the metadata of a key."""
+        """Delete every version and the metadata of a key; publish it as retired."""
         self.read_record(ref)  # UnknownKey rather than a silent no-op
         path = self._path(ref)
         with _calling("delete", f"{self._mount}/metadata/{path}"):
             self._client.secrets.kv.v2.delete_metadata_and_all_versions(
                 path=path, mount_point=self._mount
             )
+        self.publish_change(ref, Status.RETIRED, at=iso_utc(self._clock()), deleted=True)
+
+    # -- the change feed: how replicas learn of status changes within a second -----------
+
+    def publish_change(
+        self, ref: KeyRef, status: Status, *, at: str, deleted: bool = False
+    ) -> int | None:
+        """Append a change to the feed document (check-and-set, retried on a lost race).
+
+        Returns its sequence number, or None when the feed could not be written: the
+        status change itself stands, and replicas still see it when their key cache
+        expires (a warning says so).
+        """
+        for _ in range(_FEED_WRITE_ATTEMPTS):
+            try:
+                current = self.read_document(FEED_DOCUMENT)
+                data, cas = current if current is not None else ({}, 0)
+                feed = ChangeFeed.from_document(data)
+                entry = Change(feed.seq + 1, ref, status, at, deleted)
+                entries = [*feed.entries[-(FEED_KEEP - 1) :], entry]
+                self.write_document(
+                    FEED_DOCUMENT, ChangeFeed(entry.seq, tuple(entries)).as_document(), cas=cas
+                )
+            except WriteConflict:
+                continue
+            except ServiceError as exc:
+                log.warning("vault.feed_write_failed", key=str(ref), error=exc.code)
+                return None
+            return entry.seq
+        log.warning("vault.feed_write_failed", key=str(ref), error="conflict")
+        return None
+
+    def read_changes(self) -> ChangeFeed:
+        """The feed document: its latest sequence number and the recent changes."""
+        current = self.read_document(FEED_DOCUMENT)
+        return ChangeFeed.from_document(current[0] if current is not None else {})
 
     # -- small CAS documents (leader lease) ---------------------------------------------
 

@@ -10,12 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status
+from backpack_vault.errors import ServiceError
 
-__all__ = ["TokenInfo", "VaultPort", "WrapInfo"]
+__all__ = [
+    "FEED_DOCUMENT",
+    "FEED_KEEP",
+    "Change",
+    "ChangeFeed",
+    "TokenInfo",
+    "VaultPort",
+    "WrapInfo",
+]
+
+# The change feed: one small KV document (next to the leader lease) that every status
+# write appends to and every replica polls, so an operator's retire or revoke reaches all
+# replicas within a second on any Vault or OpenBao (neither has event notifications here).
+FEED_DOCUMENT: Final = "changes"
+FEED_KEEP: Final = 200  # recent changes kept; a replica further behind re-reads its keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +59,75 @@ class WrapInfo:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One status change on the feed: ``seq`` grows by one per change."""
+
+    seq: int
+    ref: KeyRef
+    status: Status
+    at: str
+    deleted: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "key": str(self.ref),
+            "status": self.status.value,
+            "at": self.at,
+            "deleted": self.deleted,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Change | None:
+        """Tolerant of damage: an entry that does not parse is skipped, not fatal."""
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            return cls(
+                seq=int(data["seq"]),
+                ref=KeyRef.parse(str(data["key"])),
+                status=Status(str(data["status"])),
+                at=str(data.get("at", "")),
+                deleted=bool(data.get("deleted", False)),
+            )
+        except (KeyError, TypeError, ValueError, ServiceError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFeed:
+    """The feed document: the latest sequence number and the recent changes, oldest first."""
+
+    seq: int = 0
+    entries: tuple[Change, ...] = ()
+
+    @classmethod
+    def from_document(cls, data: Mapping[str, Any]) -> ChangeFeed:
+        raw = data.get("entries")
+        entries = tuple(
+            c for c in (Change.from_dict(e) for e in (raw if isinstance(raw, list) else ())) if c
+        )
+        try:
+            seq = int(data.get("seq", 0))
+        except (TypeError, ValueError):
+            seq = 0
+        return cls(max([seq, *(c.seq for c in entries)]), entries)
+
+    def as_document(self) -> dict[str, object]:
+        return {"seq": self.seq, "entries": [c.as_dict() for c in self.entries]}
+
+    def since(self, seq: int) -> tuple[Change, ...]:
+        """Changes after ``seq``, oldest first."""
+        return tuple(c for c in self.entries if c.seq > seq)
+
+    def covers(self, seq: int) -> bool:
+        """Whether every change after ``seq`` is still in the document (none was pruned)."""
+        if seq >= self.seq:
+            return True
+        return bool(self.entries) and self.entries[0].seq <= seq + 1
+
+
 class VaultPort(Protocol):
     """The calls the domain makes; the daemon's own login and renewal are not among them."""
 
@@ -67,7 +151,17 @@ class VaultPort(Protocol):
         now: str,
         verdict: str = "",
         expect: Status | None = None,
+        reason: str = "",
+        actor: str = "",
     ) -> KeyRecord: ...
+
+    # -- the change feed ----------------------------------------------------------------
+
+    def publish_change(
+        self, ref: KeyRef, status: Status, *, at: str, deleted: bool = False
+    ) -> int | None: ...
+
+    def read_changes(self) -> ChangeFeed: ...
 
     # -- small CAS documents (leader lease) -------------------------------------------
 
