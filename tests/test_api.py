@@ -7,6 +7,8 @@ talking to the session's real OpenBao dev server.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import nacl.signing
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from backpack_vault.api import create_app
 from backpack_vault.backpack.signing import signing_string, verify
@@ -41,7 +44,7 @@ class Served:
     clock: FakeClock
     vault: Vault
     reports: list[tuple[str, str]] = field(default_factory=list)
-    ready: list[bool | tuple[bool, str]] = field(default_factory=lambda: [True])
+    ready: list[Any] = field(default_factory=lambda: [True])
 
     def call(
         self,
@@ -275,7 +278,8 @@ ERRORS = [
      {"instruction": "orderExecute", "params": {}}, 403, "read_only_key"),
     ("bad-key-name", "POST", "/v1/keys/Main/bot-a/copy", "root", None, 422, "invalid_input"),
     ("not-json", "POST", "/v1/keys/main/bot-a/sign", "root", b"{", 422, "invalid_input"),
-    ("too-large", "POST", "/v1/keys/main/bot-a/sign", "root", b" " * 300_000, 422, "invalid_input"),
+    ("too-large", "POST", "/v1/keys/main/bot-a/sign", "root", b" " * 300_000, 413,
+     "body_too_large"),
     ("not-object", "POST", "/v1/keys/main/bot-a/sign", "root", [1], 422, "invalid_input"),
     ("no-instruction", "POST", "/v1/keys/main/bot-a/sign", "root", {}, 422, "invalid_input"),
     ("unknown-instruction", "POST", "/v1/keys/main/bot-a/sign", "root",
@@ -362,6 +366,110 @@ class TestErrors:
         assert answer.json()["error"]["code"] == "not_authenticated"
 
 
+class TestContract:
+    """Every answer is inside the contract, whatever the request."""
+
+    @pytest.mark.parametrize(
+        ("token", "status", "code"),
+        [(None, 401, "not_authenticated"), ("root", 422, "invalid_input")],
+        ids=["no-token", "root"],
+    )
+    @pytest.mark.usefixtures("key")
+    def test_deeply_nested_json_is_refused_before_any_work(
+        self, served: Served, token: str | None, status: int, code: str
+    ) -> None:
+        """[ x 50,000: the token is checked first, then a 422 without parsing; no traceback."""
+        with capture_logs() as logs:
+            answer = served.call(
+                "POST",
+                "/v1/keys/main/bot-a/sign",
+                token=served.root if token else None,
+                content=b"[" * 50_000,
+            )
+        assert answer.status_code == status
+        assert answer.json()["error"]["code"] == code
+        assert not [e for e in logs if e.get("log_level") in ("error", "critical")]
+
+    @pytest.mark.parametrize(
+        "path",
+        ["/v1/keys/main/bot-a/", "/v1/keys/main/bot-a/copy/", "/nope", "/v1/keys"],
+        ids=["info-slash", "copy-slash", "unknown", "short"],
+    )
+    def test_an_unknown_path_is_a_json_404(self, served: Served, path: str) -> None:
+        """No redirect and no empty body: a JSON 404 that names the routes."""
+        answer = served.call("GET", path, token=served.root)
+        assert answer.status_code == 404
+        error = answer.json()["error"]
+        assert error["code"] == "not_found"
+        assert "/v1/keys/SUB/NAME" in error["message"]
+
+    @pytest.mark.usefixtures("key")
+    def test_a_client_that_goes_away_mid_body_is_not_an_error(self, served: Served) -> None:
+        """A disconnect while the body is read is logged as such, never as internal."""
+        host, port = served.url.removeprefix("http://").split(":")
+        with capture_logs() as logs:
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(
+                    b"POST /v1/keys/main/bot-a/sign HTTP/1.1\r\nHost: x\r\n"
+                    b"X-Vault-Token: " + served.root.reveal().encode() + b"\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                    b'{"instruction": '
+                )
+            wait_until(lambda: any(e["event"] == "api.client_disconnected" for e in logs))
+        assert not [e for e in logs if e["event"] == "api.internal_error"]
+
+    @pytest.mark.usefixtures("key")
+    def test_a_token_without_the_default_policy_is_told_what_it_lacks(
+        self, served: Served, vault: Vault
+    ) -> None:
+        """A live token that may not call sys/capabilities-self gets 403 naming the
+        default policy, not "expired or unknown"."""
+        provisioner = Provisioner(vault)
+        name = f"{vault.settings.kv_prefix}-nodefault"
+        provisioner.ensure_policy(name, 'path "x/*" { capabilities = ["read"] }')
+        created = httpx.post(
+            f"{served.vault_addr}/v1/auth/token/create",
+            headers={"X-Vault-Token": served.root.reveal()},
+            json={"policies": [name], "no_default_policy": True, "ttl": "10m"},
+        ).json()["auth"]["client_token"]
+        answer = served.call("POST", "/v1/keys/main/bot-a/copy", token=Secret(created))
+        assert answer.status_code == 403
+        assert "default" in answer.json()["error"]["message"]
+
+    @pytest.mark.usefixtures("key")
+    def test_a_denied_grant_names_the_capability_and_path(
+        self, served: Served, vault: Vault
+    ) -> None:
+        """The 403 says which capability on which grant path the policy must give."""
+        token = Provisioner(vault).create_token(["default"])
+        error = served.call("POST", "/v1/keys/main/bot-a/copy", token=token).json()["error"]
+        assert error["code"] == "forbidden"
+        assert f'["read"] on {vault.settings.grant_prefix}/main/bot-a/copy' in error["message"]
+
+    def test_a_vault_that_refuses_the_daemon_is_a_503(
+        self, served: Served, vault_settings: VaultSettings, vault: Vault
+    ) -> None:
+        """The daemon's own token revoked: workers get 503 with a clear code, not 502."""
+        store_key(vault, KeyRef("main", "bot-z"))
+        daemon_token = Provisioner(vault).create_token(["root"])
+        own = Vault(dataclasses.replace(vault_settings, token=daemon_token))
+        own.login()
+        broker = Broker(own, BrokerSettings(), grant_prefix=vault_settings.grant_prefix)
+        app = create_app(broker, readiness=lambda: True, metrics=Metrics(CollectorRegistry()))
+        httpx.post(
+            f"{served.vault_addr}/v1/auth/token/revoke-self",
+            headers={"X-Vault-Token": daemon_token.reveal()},
+        ).raise_for_status()
+        with ServerThread(app) as server:
+            answer = httpx.post(
+                f"{server.url}/v1/keys/main/bot-z/copy",
+                headers={"X-Vault-Token": served.root.reveal()},
+            )
+        own.close()
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] in ("vault_denied", "vault_unavailable")
+
+
 class TestProbes:
     def test_healthz_is_always_ok(self, served: Served) -> None:
         """/healthz answers 200 while the process runs."""
@@ -381,6 +489,18 @@ class TestProbes:
         assert answer.status_code == status
         if status == 503:
             assert answer.json()["reason"]
+
+    def test_readyz_says_what_is_missing(self, served: Served) -> None:
+        """A readiness with details answers them as JSON, and the reason names them."""
+        served.ready.append(
+            (False, {"vault": "ok", "auth": "ok", "kv_mount": "missing", "missing": ["kv_mount"]})
+        )
+        answer = served.call("GET", "/readyz")
+        assert answer.status_code == 503
+        body = answer.json()
+        assert body["kv_mount"] == "missing"
+        assert body["missing"] == ["kv_mount"]
+        assert "kv_mount" in body["reason"]
 
     @pytest.mark.usefixtures("key")
     def test_metrics_count_handouts_by_key_and_outcome(self, served: Served) -> None:

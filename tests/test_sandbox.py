@@ -25,6 +25,7 @@ from backpack_vault.testing.sandbox import (
     EXPIRED_ANSWER,
     INVALID_SIGNATURE_ANSWER,
     READ_ONLY_ANSWER,
+    SANDBOX_HEADER,
     UNKNOWN_KEY_ANSWER,
     Answer,
     Faults,
@@ -127,6 +128,11 @@ class TestPublicRoutes:
     def test_ping_pongs(self, sandbox: SandboxAdmin) -> None:
         """/api/v1/ping answers pong."""
         assert sandbox.http.get("/api/v1/ping").text == "pong"
+
+    @pytest.mark.parametrize("path", ["/api/v1/status", "/api/v1/time", "/api/v1/account"])
+    def test_every_answer_says_it_is_a_sandbox(self, sandbox: SandboxAdmin, path: str) -> None:
+        """Public and signed answers alike carry the sandbox header."""
+        assert sandbox.http.get(path).headers[SANDBOX_HEADER] == "true"
 
 
 class TestSignatureVerification:
@@ -393,6 +399,17 @@ class TestOrders:
 
 
 class TestAdmin:
+    @pytest.mark.parametrize(
+        ("body", "status"), [(b"[" * 50_000, 400), (b" " * 70_000, 413)], ids=["deep", "large"]
+    )
+    def test_hostile_admin_bodies_get_a_clear_error(
+        self, sandbox: SandboxAdmin, body: bytes, status: int
+    ) -> None:
+        """Deeply nested or oversized admin bodies are refused, never a 500."""
+        answer = sandbox.http.post("/_sandbox/keys", content=body)
+        assert answer.status_code == status
+        assert answer.json()["error"]
+
     def test_registering_answers_201_then_200(self, sandbox: SandboxAdmin) -> None:
         """A new key is created (201); registering it again updates it (200)."""
         pair = generate_pair()

@@ -6,7 +6,14 @@ Routes (DESIGN.md "Worker API")::
     POST /v1/keys/{sub}/{name}/sign     four signed headers     grant: sign/<instruction> (update)
     GET  /v1/keys/{sub}/{name}          status and metadata     grant: copy or any sign
     POST /v1/keys/{sub}/{name}/report   "Backpack rejected it"  grant: copy or any sign; 429
+    GET  /v1/keys/{sub}/{name}/watch    server-sent events      grant: copy or any sign
     GET  /healthz  /readyz  /metrics
+
+Every answer is inside the contract: a missing token is a 401 before any other work;
+a body over 256 KiB is a 413 and one nested deeper than 32 levels a 422, before it
+is parsed; an unknown path (a trailing slash included) is a JSON 404; a client that
+goes away mid-request is logged as such, never as an error; a failure of ours is a
+500 whose body says nothing more.
 
 The broker is synchronous (hvac). A copy or signature it can answer from memory
 (``Broker.answers_from_memory``: cached grant and key, a spare copy) is answered
@@ -20,16 +27,16 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from backpack_vault.backpack.instructions import is_known
@@ -38,9 +45,11 @@ from backpack_vault.config import Secret
 from backpack_vault.core.caches import RateLimiter
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
+    BodyTooLarge,
     InvalidInput,
     KeyNotUsable,
     MethodNotAllowed,
+    NotAuthenticated,
     NotFound,
     RateLimited,
     ReadOnlyKey,
@@ -52,14 +61,22 @@ from backpack_vault.errors import (
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import NO_KEY, Metrics
 
-__all__ = ["Readiness", "ReportCallback", "create_app", "error_response"]
+__all__ = ["Readiness", "ReportCallback", "WatchSource", "create_app", "error_response"]
 
 log = get_logger("backpack_vault.api")
 
-Readiness = Callable[[], "bool | tuple[bool, str]"]
+Readiness = Callable[[], "bool | tuple[bool, str] | tuple[bool, Mapping[str, object]]"]
 ReportCallback = Callable[[KeyRef, str], None]
 
+
+class WatchSource(Protocol):
+    """Server-sent events of one key's status changes (the daemon's watchers hub)."""
+
+    def stream(self, ref: KeyRef, last_event_id: str | None) -> AsyncIterator[bytes]: ...
+
+
 MAX_BODY_BYTES: Final = 256 * 1024
+MAX_BODY_DEPTH: Final = 32
 MAX_REASON_CHARS: Final = 200
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 # Outcomes after which the broker has seen the key in Vault: only these name the key in a
@@ -102,8 +119,43 @@ def _ref(request: Request) -> KeyRef:
     return KeyRef(str(request.path_params["sub"]), str(request.path_params["name"]))
 
 
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
+
+
+def _nesting(body: bytes, limit: int) -> bool:
+    """Whether JSON text nests arrays/objects deeper than ``limit`` (strings skipped)."""
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPEN:
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in _CLOSE:
+            depth -= 1
+    return False
+
+
+def _require_token(token: Secret | None) -> Secret:
+    if token is None:
+        raise NotAuthenticated(
+            "no Vault token: send your own Vault token in X-Vault-Token (or Authorization: Bearer)"
+        )
+    return token
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
-    too_large = InvalidInput(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+    too_large = BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
@@ -117,9 +169,11 @@ async def _json_object(request: Request) -> dict[str, Any]:
     body = b"".join(chunks)
     if not body.strip():
         return {}
+    if _nesting(body, MAX_BODY_DEPTH):
+        raise InvalidInput(f"request body nests deeper than {MAX_BODY_DEPTH} levels")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
@@ -166,8 +220,10 @@ class _Api:
         *,
         report_interval_s: float,
         clock: Callable[[], float],
+        watch: WatchSource | None = None,
     ) -> None:
         self.broker = broker
+        self.watch = watch
         self.metrics = metrics
         self.readiness = readiness
         self.report = report
@@ -192,8 +248,12 @@ class _Api:
         token = _token(request)
         facts: dict[str, Any] = {}
         try:
-            response = await work(token, facts)
+            # Before the body is read or anything else is done.
+            response = await work(_require_token(token), facts)
             outcome = "ok"
+        except ClientDisconnect:
+            log.info("api.client_disconnected", route=route)
+            response, outcome = Response(status_code=HTTPStatus.BAD_REQUEST), "disconnected"
         except ServiceError as exc:
             response, outcome = error_response(exc), exc.code
             if isinstance(exc, UpstreamError):
@@ -203,7 +263,7 @@ class _Api:
             response, outcome = _internal_error(), "internal"
         seconds = time.perf_counter() - started
         self.metrics.observe_request(route, response.status_code, seconds)
-        if route in ("copy", "sign", "info", "report"):
+        if route in ("copy", "sign", "info", "report", "watch"):
             self._record(route, request, token, outcome, facts, seconds)
         return response
 
@@ -308,18 +368,40 @@ class _Api:
 
         return await self._answer("report", request, work)
 
+    async def get_watch(self, request: Request) -> Response:
+        async def work(token: Secret | None, _facts: dict[str, Any]) -> Response:
+            ref = _ref(request)
+            await run_in_threadpool(self.broker.authorize_any, token, ref)
+            if self.watch is None:
+                raise NotFound("this daemon serves no watch streams")
+            frames = self.watch.stream(ref, request.headers.get("last-event-id"))
+            return StreamingResponse(
+                frames,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        return await self._answer("watch", request, work)
+
     async def get_healthz(self, _request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def get_readyz(self, _request: Request) -> Response:
         state = self.readiness()
-        ready, reason = state if isinstance(state, tuple) else (state, "")
+        ready, detail = state if isinstance(state, tuple) else (state, "")
+        body: dict[str, object] = {"ready": bool(ready)}
+        if isinstance(detail, Mapping):
+            body |= {k: v for k, v in detail.items() if k != "ready"}
+            missing = detail.get("missing")
+            names = [str(k) for k in missing] if isinstance(missing, list | tuple) else []
+            reason = ", ".join(f"{k} {detail.get(k, 'missing')}" for k in names)
+        else:
+            reason = detail
         if ready:
-            return JSONResponse({"ready": True})
+            return JSONResponse(body)
+        body["reason"] = reason or "not ready"
         return JSONResponse(
-            {"ready": False, "reason": reason or "not ready"},
-            status_code=HTTPStatus.SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "1"},
+            body, status_code=HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": "1"}
         )
 
     async def get_metrics(self, _request: Request) -> Response:
@@ -330,7 +412,11 @@ class _Api:
 async def _http_error(_request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else HTTPStatus.INTERNAL_SERVER_ERROR
     if status == HTTPStatus.NOT_FOUND:
-        return error_response(NotFound("no such route; see DESIGN.md for the worker API"))
+        return error_response(
+            NotFound(
+                "no such route: the worker API is /v1/keys/SUB/NAME[/copy|/sign|/report|/watch]"
+            )
+        )
     if status == HTTPStatus.METHOD_NOT_ALLOWED:
         return error_response(MethodNotAllowed("this route does not accept that method"))
     return _internal_error()
@@ -344,6 +430,7 @@ def create_app(
     report: ReportCallback | None = None,
     report_interval_s: float = 10.0,
     clock: Callable[[], float] = time.monotonic,
+    watch: WatchSource | None = None,
 ) -> Starlette:
     """The worker API. ``report`` runs (in the thread pool) when a worker reports a rejection."""
     api = _Api(
@@ -353,6 +440,7 @@ def create_app(
         report or _no_report,
         report_interval_s=report_interval_s,
         clock=clock,
+        watch=watch,
     )
     metrics.track_outstanding(lambda: broker.outstanding)
     keys = "/v1/keys/{sub}/{name}"
@@ -361,6 +449,7 @@ def create_app(
             Route(f"{keys}/copy", api.post_copy, methods=["POST"]),
             Route(f"{keys}/sign", api.post_sign, methods=["POST"]),
             Route(f"{keys}/report", api.post_report, methods=["POST"]),
+            Route(f"{keys}/watch", api.get_watch, methods=["GET"]),
             Route(keys, api.get_info, methods=["GET"]),
             Route("/healthz", api.get_healthz, methods=["GET"]),
             Route("/readyz", api.get_readyz, methods=["GET"]),
@@ -368,5 +457,6 @@ def create_app(
         ],
         exception_handlers={HTTPException: _http_error},
     )
+    app.router.redirect_slashes = False  # /v1/keys/a/b/ is a JSON 404, not a bare 307
     app.state.api = api
     return app

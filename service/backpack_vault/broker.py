@@ -235,8 +235,14 @@ class _Grants:
     def require(self, token: Secret | None, ref: KeyRef, grant: str) -> str:
         """Refuse unless the token holds ``grant`` on ``ref``; return the caller's identity."""
         path = self.path(ref, grant)
-        if not _allows(self.ask(token, [path])[path], _capability(grant)):
-            raise NotPermitted(str(ref), grant)
+        capability = _capability(grant)
+        if not _allows(self.ask(token, [path])[path], capability):
+            raise NotPermitted(
+                str(ref),
+                grant,
+                f"your Vault token has no grant for {grant} on key {ref}: its policies need "
+                f'capabilities = ["{capability}"] on {path}',
+            )
         return self.identity(token)
 
     def grants(self, token: Secret | None, ref: KeyRef) -> tuple[bool, tuple[str, ...]]:
@@ -250,7 +256,13 @@ class _Grants:
         """``grants``, refusing a token that holds neither a copy nor any sign grant."""
         can_copy, can_sign = self.grants(token, ref)
         if not can_copy and not can_sign:
-            raise NotPermitted(str(ref), "copy or sign/<instruction>")
+            raise NotPermitted(
+                str(ref),
+                "copy or sign/<instruction>",
+                f"your Vault token has no grant on key {ref}: its policies need "
+                f'capabilities = ["read"] on {self.path(ref, COPY)} or ["update"] on '
+                f"{self.path(ref, _SIGN)}<instruction>",
+            )
         return can_copy, can_sign
 
     def identity(self, token: Secret | None) -> str:

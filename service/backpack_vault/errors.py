@@ -24,7 +24,7 @@
     |     +- ReportsLimited             429  exit 7   one report per key per interval
     +- UpstreamError                    502  exit 8   someone else is failing
        +- VaultUnavailable              503  exit 9   unreachable, sealed, 5xx: transient, retried
-       +- VaultDenied                   502  exit 10  our own token or policy: never retried
+       +- VaultDenied                   503  exit 10  our own token or policy: never retried
        +- ExchangeUnavailable           502  exit 11  Backpack unreachable or failing: retried
        +- KeyRejected                   502  exit 12  Backpack refuses the key
        +- BrokerUnavailable             503  exit 8   (client) the daemon cannot answer now
@@ -309,6 +309,7 @@ class VaultUnavailable(UpstreamError):
 class VaultDenied(UpstreamError):
     """Vault refused our own token or policy: retrying will not help."""
 
+    http_status: ClassVar[int] = HTTPStatus.SERVICE_UNAVAILABLE
     exit_code: ClassVar[int] = 10
     code: ClassVar[str] = "vault_denied"
 

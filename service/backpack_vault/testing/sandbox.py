@@ -45,6 +45,7 @@ __all__ = [
     "EXPIRED_ANSWER",
     "INVALID_SIGNATURE_ANSWER",
     "READ_ONLY_ANSWER",
+    "SANDBOX_HEADER",
     "UNKNOWN_KEY_ANSWER",
     "Answer",
     "Faults",
@@ -56,6 +57,9 @@ __all__ = [
 
 log = structlog.get_logger()
 
+
+# The header every sandbox answer carries (Backpack's own answers never do).
+SANDBOX_HEADER: Final = "X-Backpack-Sandbox"
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -448,6 +452,9 @@ class _Exchange:
 
     def _done(self, request: Request, response: Response) -> Response:
         self.state.answered(f"{request.method} {request.url.path}", response.status_code)
+        # Every answer says it comes from a sandbox, so that a verdict reached here is never
+        # written for a key that belongs to the real exchange.
+        response.headers[SANDBOX_HEADER] = "true"
         return response
 
     # -- public -------------------------------------------------------------------------
@@ -627,14 +634,20 @@ class _Exchange:
         return JSONResponse(self.state.stats())
 
 
+_MAX_ADMIN_BODY: Final = 64 * 1024
+
+
 def _admin_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
 async def _admin_body(request: Request) -> tuple[dict[str, Any], Response | None]:
+    raw = await request.body()
+    if len(raw) > _MAX_ADMIN_BODY:
+        return {}, _admin_error(413, f"body is larger than {_MAX_ADMIN_BODY} bytes")
     try:
-        data = json.loads(await request.body() or b"{}")
-    except ValueError:
+        data = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
         return {}, _admin_error(400, "body is not JSON")
     if not isinstance(data, dict):
         return {}, _admin_error(400, "body must be a JSON object")
@@ -662,7 +675,7 @@ async def _params(request: Request, *, batch: bool) -> tuple[dict[str, str], Any
     if raw.strip():
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _bad_request("Body is not valid JSON") from None
     if batch and not (isinstance(body, list) and body and all(isinstance(o, dict) for o in body)):
         raise _bad_request("Body must be an array of orders")

@@ -29,6 +29,7 @@ from backpack_vault.core.keys import KeyRecord, KeyRef, Status, can_transition
 from backpack_vault.errors import (
     ConfigError,
     NotAuthenticated,
+    NotPermitted,
     ServiceError,
     UnknownKey,
     UpstreamError,
@@ -78,9 +79,18 @@ def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False
     if isinstance(exc, _TRANSIENT):
         raise VaultUnavailable(f"Vault failed ({op} {where}): {type(exc).__name__}") from None
     if isinstance(exc, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
+        if caller_token and _acl_denial(exc):
+            raise NotPermitted(
+                "",
+                where,
+                f"Vault accepts your token but its policies do not allow {where}: give it "
+                "Vault's `default` policy (update on sys/capabilities-self, read on "
+                "auth/token/lookup-self), which the daemon needs to check your grants",
+            ) from None
         if caller_token:
             raise NotAuthenticated(
-                "Vault does not accept your token (expired, revoked or unknown)"
+                "Vault does not accept your token (expired, revoked or unknown): log in "
+                "to Vault again for a new token"
             ) from None
         raise VaultDenied(
             f"Vault denied {op} on {where}: check the token's policy (or log in again)"
@@ -89,6 +99,13 @@ def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False
         raise UpstreamError(f"Vault refused {op} on {where}: {type(exc).__name__}") from None
     # Any other requests error: its text may quote a URL or a header, so keep only its type.
     raise VaultUnavailable(f"Vault call failed ({op} {where}): {type(exc).__name__}") from None
+
+
+def _acl_denial(exc: BaseException) -> bool:
+    """Vault says "1 error occurred: permission denied" for a live token that a policy
+    refuses, and a bare "permission denied" for a dead or unknown token (VAULT.md 4)."""
+    errors = getattr(exc, "errors", None) or ()
+    return any("error occurred" in str(e) for e in errors)
 
 
 class _Missing(Exception):
