@@ -6,7 +6,15 @@ import time
 from collections.abc import Callable
 
 from backpack_vault.core.clock import iso_utc, wait_for
-from backpack_vault.core.keys import KeyPair, KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.core.keys import (
+    PRODUCTION_EXCHANGE,
+    KeyPair,
+    KeyRecord,
+    KeyRef,
+    Origin,
+    Status,
+    generate_pair,
+)
 from backpack_vault.vault.client import Vault
 
 __all__ = ["NOW", "FakeClock", "make_record", "now_iso", "store_key", "wait_until"]
@@ -47,9 +55,12 @@ def make_record(
     origin: Origin = Origin.BACKPACK_UI,
     now: str = NOW,
     label: str = "",
+    exchange: str = PRODUCTION_EXCHANGE,
 ) -> KeyRecord:
     """A key record as intake makes it, with ``status`` set (active unless told)."""
-    record = KeyRecord.new(ref, api_key, origin=origin, now=now, read_only=read_only, label=label)
+    record = KeyRecord.new(
+        ref, api_key, origin=origin, now=now, read_only=read_only, label=label, exchange=exchange
+    )
     if record.status is status:
         return record
     return KeyRecord(
@@ -61,6 +72,7 @@ def make_record(
         created_at=record.created_at,
         status_since=record.status_since,
         label=record.label,
+        exchange=record.exchange,
     )
 
 
@@ -72,13 +84,18 @@ def store_key(
     read_only: bool = False,
     pair: KeyPair | None = None,
     origin: Origin = Origin.BACKPACK_UI,
+    exchange: str = PRODUCTION_EXCHANGE,
 ) -> KeyPair:
-    """Store a key as ``keys add`` would (a fresh pair unless one is given); return the pair."""
+    """Store a key as ``keys add`` would (a fresh pair unless one is given); return the pair.
+
+    ``exchange`` is the base URL the key belongs to: pass the sandbox's URL for a key
+    that tests check against the sandbox.
+    """
     pair = pair or generate_pair()
-    vault.create_key(
-        make_record(ref, pair.api_key, status=status, read_only=read_only, origin=origin),
-        pair.secret,
+    record = make_record(
+        ref, pair.api_key, status=status, read_only=read_only, origin=origin, exchange=exchange
     )
+    vault.create_key(record, pair.secret)
     return pair
 
 
