@@ -461,6 +461,7 @@ class DevEnv:
             now=_now_iso(),
             read_only=False,
             label="demo key of backpack-vault dev",
+            exchange=self.sandbox_url,  # it belongs to the sandbox, never to Backpack
         )
         stored = self.vault.create_key(record, pair.secret)
         if self.dev_vault is None:
