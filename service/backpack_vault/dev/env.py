@@ -44,11 +44,11 @@ import httpx
 from backpack_vault.client.broker import BrokerClient
 from backpack_vault.config import FIELDS, Secret, Settings, VaultSettings, environ_snapshot
 from backpack_vault.core.clock import iso_utc, wait_for
-from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.core.keys import KeyRef
 from backpack_vault.daemon import capture_signals
 from backpack_vault.daemon.serving import free_port
 from backpack_vault.dev.vault import DevVault
-from backpack_vault.errors import DevError, Interrupted, KeyNotUsable, ServiceError, UnknownKey
+from backpack_vault.errors import DevError, Interrupted, ServiceError
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Provisioner, Vault
 from backpack_vault.vault.setup import DAEMON_POLICY, render_worker_policy, setup
@@ -273,7 +273,7 @@ class DevEnv:
         for child in self.children:
             child.require_running()
 
-    def _poll(self, condition: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    def poll(self, condition: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
         """Call ``condition`` until it holds (True) or ``timeout`` passes (False)."""
 
         def check() -> bool:
@@ -306,14 +306,14 @@ class DevEnv:
         self.vault = Vault(self.vault_settings)
         self.stack.callback(self.vault.close)
         self.vault.login()
-        self._service("OpenBao dev server" if self.dev_vault else "Vault", where)
+        self.service("OpenBao dev server" if self.dev_vault else "Vault", where)
         self._check()
 
     def vault_setup(self) -> None:
         settings = dataclasses.replace(self.settings, vault=self.vault_settings)
         report = setup(self.vault, settings)
         policies = sum(1 for item in report.items if item.kind == "policy")
-        self._service(
+        self.service(
             "vault setup",
             f"KV mount {self.vault_settings.kv_mount}/, {policies} policies, "
             f"worker policy {WORKER_POLICY}",
@@ -363,9 +363,9 @@ class DevEnv:
             except httpx.HTTPError:
                 return False
 
-        if not self._poll(answers, timeout=20):
+        if not self.poll(answers, timeout=20):
             raise DevError(f"the sandbox exchange did not answer on {self.sandbox_url} in 20 s")
-        self._service("sandbox exchange", f"{self.sandbox_url}  pid {child.pid}")
+        self.service("sandbox exchange", f"{self.sandbox_url}  pid {child.pid}")
         admin_http = httpx.Client(base_url=self.sandbox_url, timeout=5)
         self.stack.callback(admin_http.close)
         self.sandbox = SandboxAdmin(admin_http)
@@ -405,12 +405,12 @@ class DevEnv:
             except httpx.HTTPError:
                 return False
 
-        if not self._poll(ready, timeout=30):
+        if not self.poll(ready, timeout=30):
             raise DevError(
                 f"the daemon was not ready on {self.daemon_url}/readyz in 30 s; its log "
                 f"{child.log_path} ends with:\n{child.tail()}"
             )
-        self._service(
+        self.service(
             "daemon", f"{self.daemon_url}  pid {child.pid}  (checks every {self.interval:g} s)"
         )
         self.broker = BrokerClient(
@@ -428,229 +428,10 @@ class DevEnv:
         self.stack.callback(client.close)
         return client
 
-    def _service(self, name: str, where: str) -> None:
+    def service(self, name: str, where: str) -> None:
         self.say(f"  {name:<19} {where}")
 
     # -- the demo, steps 1-4 ----------------------------------------------------------
-
-    def step(self, number: int, action: Callable[[], str]) -> None:
-        """Run one numbered step; print its line, or fail with the step's number."""
-        try:
-            line = action()
-        except Interrupted:
-            raise
-        except ServiceError as exc:
-            raise DevError(f"step {number} failed: {exc.message}") from None
-        except httpx.HTTPError as exc:
-            raise DevError(f"step {number} failed: {type(exc).__name__}: {exc}") from None
-        self.say(f"{number}. {line}")
-
-    def store_key(self) -> str:
-        if self.dev_vault is None:  # a real Vault may hold an older demo key: pick a free name
-            for n in range(2, 100):
-                try:
-                    self.vault.read_record(self.key)
-                except UnknownKey:
-                    break
-                self.key = KeyRef(DEMO_KEY.subaccount, f"{DEMO_KEY.name}-{n}")
-        pair = generate_pair()
-        record = KeyRecord.new(
-            self.key,
-            pair.api_key,
-            origin=Origin.GENERATED,
-            now=_now_iso(),
-            read_only=False,
-            label="demo key of backpack-vault dev",
-            exchange=self.sandbox_url,  # it belongs to the sandbox, never to Backpack
-        )
-        stored = self.vault.create_key(record, pair.secret)
-        if self.dev_vault is None:
-            self.stack.callback(self._delete_quietly, self.key)
-        self.api_key = pair.api_key
-        return f"stored {self.key} in Vault ({stored.status})"
-
-    def _delete_quietly(self, ref: KeyRef) -> None:
-        with suppress(ServiceError):
-            self.vault.delete_key(ref)
-
-    def activate(self) -> str:
-        started = time.monotonic()
-        self.sandbox.register(self.api_key)
-        # The next scheduled check may be an interval away; a report asks the daemon to check
-        # the key now (the same call a worker makes when Backpack refuses a request).
-        self.broker.report(self.key, "backpack-vault dev: public key registered at the sandbox")
-        timeout = max(30.0, 3 * self.interval)
-        if not self._poll(lambda: self._status() is Status.ACTIVE, timeout=timeout, every=0.1):
-            raise DevError(
-                f"{self.key} is still {self._status()} {timeout:g} s after its public key was "
-                f"registered: the daemon's checks did not see the sandbox accept it (is another "
-                f"daemon holding the checks lease?); see {self.logs / 'daemon.log'}"
-            )
-        elapsed = time.monotonic() - started
-        return (
-            "Backpack accepted the key: active (registered at the sandbox; "
-            f"the daemon's check saw it in {elapsed:.1f} s)"
-        )
-
-    def _status(self) -> Status:
-        return self.vault.read_record(self.key).status
-
-    def _order(self, client: httpx.Client) -> str:
-        response = client.post("/api/v1/order", json=DEMO_ORDER)
-        if response.status_code != 200:  # noqa: PLR2004
-            raise DevError(f"the sandbox refused the order: {response.status_code} {response.text}")
-        return str(response.json()["id"])
-
-    def order_with_copy(self) -> str:
-        order = self._order(self.copy_client)
-        return f"worker got a wrapped copy and placed order #{order} ({self._order_text()})"
-
-    def order_with_signature(self) -> str:
-        order = self._order(self.sign_client)
-        return f"worker had the daemon sign and placed order #{order} ({self._order_text()})"
-
-    @staticmethod
-    def _order_text() -> str:
-        o = DEMO_ORDER
-        return f"{o['orderType']} {o['side']} {o['quantity']} {o['symbol']} @ {o['price']}"
-
-    def demo(self) -> None:
-        self.step(1, self.store_key)
-        self.step(2, self.activate)
-        self.step(3, self.order_with_copy)
-        self.step(4, self.order_with_signature)
-
-    # -- the tour, steps 5-7 ----------------------------------------------------------
-
-    def tour(self) -> None:
-        unclaimed: list[Secret] = []
-        revoked_at: list[float] = []
-
-        def revoke() -> str:
-            unclaimed.append(self._unclaimed_copy())
-            self.sandbox.revoke(self.api_key)
-            revoked_at.append(time.monotonic())
-            return (
-                "revoked the key at the sandbox (as in the web UI); "
-                "a copy fetched just before is still unclaimed"
-            )
-
-        def detect() -> str:
-            timeout = max(30.0, 4 * self.interval + 10)
-            if not self._poll(lambda: self._status() is Status.REVOKED, timeout, every=0.1):
-                raise DevError(f"{self.key} is still {self._status()} after {timeout:g} s")
-            return f"daemon detected it: revoked after {time.monotonic() - revoked_at[0]:.1f} s"
-
-        self.step(5, revoke)
-        self.step(6, detect)
-        self.step(7, lambda: self.cutoff(unclaimed[0]))
-
-    def _unclaimed_copy(self) -> Secret:
-        """A wrapping token from the daemon, deliberately not unwrapped."""
-        ref = self.key
-        response = self.http.post(
-            f"{self.daemon_url}/v1/keys/{ref.subaccount}/{ref.name}/copy",
-            headers={"X-Vault-Token": self.worker_token.reveal()},
-        )
-        if response.status_code != 200:  # noqa: PLR2004
-            raise DevError(f"the daemon answered {response.status_code} to a copy request")
-        return Secret(str(response.json()["wrap_token"]))
-
-    def cutoff(self, wrap_token: Secret) -> str:
-        refusals = []
-        for what, attempt in (
-            ("copy", lambda: self.broker.copy(self.key)),
-            ("sign", lambda: self._order(self.sign_client)),
-        ):
-            try:
-                attempt()
-            except KeyNotUsable as exc:
-                refusals.append(f"{what} refused ({exc.http_status} {exc.code})")
-            else:
-                raise DevError(f"the daemon still allowed a {what} of a revoked key")
-        vault = self.vault_settings.addr
-
-        def gone() -> bool:  # the daemon revokes unclaimed copies as it marks the key revoked
-            answer = self.http.post(
-                f"{vault}/v1/sys/wrapping/lookup", json={"token": wrap_token.reveal()}
-            )
-            return answer.status_code != 200  # noqa: PLR2004
-
-        self._poll(gone, timeout=10, every=0.1)
-        answer = self.http.post(
-            f"{vault}/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrap_token.reveal()}
-        )
-        if answer.status_code == 200:  # noqa: PLR2004
-            raise DevError("an unclaimed copy of the revoked key still unwrapped")
-        return (
-            f"cutoff: {', '.join(refusals)}, an unclaimed wrapping token no longer unwraps "
-            f"({answer.status_code})"
-        )
-
-    # -- dev: what runs, what to try ----------------------------------------------------
-
-    def banner(self, seconds: float) -> None:
-        cli = _cli_command()
-        vault = self.vault_settings
-        exports = {"VAULT_ADDR": vault.addr}
-        if self.dev_vault is not None:
-            exports["VAULT_TOKEN"] = self.dev_vault.root_token.reveal()
-        defaults = VaultSettings()
-        for name, env in (
-            ("kv_mount", "BACKPACK_VAULT_KV_MOUNT"),
-            ("kv_prefix", "BACKPACK_VAULT_KV_PREFIX"),
-            ("grant_prefix", "BACKPACK_VAULT_GRANT_PREFIX"),
-        ):
-            if getattr(vault, name) != getattr(defaults, name):
-                exports[env] = str(getattr(vault, name))
-        export = " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items())
-        keys = f"{self.daemon_url}/v1/keys/{self.key.subaccount}/{self.key.name}"
-        sign_body = shlex.quote('{"instruction": "balanceQuery", "params": {}}')
-        revoke_body = shlex.quote(f'{{"api_key": "{self.api_key}"}}')
-        json_type = "-H 'Content-Type: application/json'"
-        self.say()
-        self.say(f"backpack-vault dev is ready ({seconds:.1f} s). Running until Ctrl-C or SIGTERM:")
-        if self.dev_vault is not None:
-            self._service("OpenBao dev server", f"pid {self.dev_vault.pid}  {vault.addr}")
-        for child in self.children:
-            url = self.sandbox_url if child.name.startswith("sandbox") else self.daemon_url
-            self._service(child.name, f"pid {child.pid}  {url}")
-        self._service("logs", str(self.logs))
-        self.say()
-        self.say("Dev-only secrets (a throwaway setup: never print real tokens like this):")
-        if self.dev_vault is not None:
-            self._service("root token", self.dev_vault.root_token.reveal())
-        self._service(
-            "worker token",
-            f"{self.worker_token.reveal()}  (policy {WORKER_POLICY}: copy and sign of {self.key})",
-        )
-        self.say()
-        self.say("Try, in another terminal:")
-        self.say(f"  export {export}")
-        if self.dev_vault is None:
-            self.say("  # and your own VAULT_TOKEN")
-        self.say(f"  export WORKER_TOKEN={shlex.quote(self.worker_token.reveal())}")
-        self.say(f"  {cli} keys list")
-        self.say(f'  curl -s -H "X-Vault-Token: $WORKER_TOKEN" {keys}')
-        self.say(
-            f'  curl -s -H "X-Vault-Token: $WORKER_TOKEN" {json_type} -d {sign_body} {keys}/sign'
-        )
-        self.say(
-            "  # revoke the key at the sandbox, as in the Backpack web UI; "
-            f"within ~{2 * self.interval:g} s the daemon marks it revoked:"
-        )
-        self.say(f"  curl -s {json_type} -d {revoke_body} {self.sandbox_url}/_sandbox/keys/revoke")
-        self.say(f"  watch -n 1 {cli} keys list")
-        self.say()
-        self.say("Press Ctrl-C to stop everything.")
-
-    def wait(self) -> None:
-        """Until SIGINT/SIGTERM; a child that dies on its own ends the wait with an error."""
-        while not self.stop.wait(0.5):
-            for child in self.children:
-                # A terminal's Ctrl-C reaches the children too: give our own flag a moment.
-                if child.exit_code() is not None and not self.stop.wait(0.5):
-                    child.require_running()
 
 
 # -- entry ----------------------------------------------------------------------------
@@ -692,13 +473,16 @@ def run(
             env.vault_setup()
             env.start_sandbox()
             env.start_daemon()
-            env.demo()
+            from backpack_vault.dev.demo import Demo  # noqa: PLC0415 - the demo builds on env
+
+            demo = Demo(env)
+            demo.demo()
             if options.tour:
-                env.tour()
+                demo.tour()
                 env.say(f"tour complete in {time.monotonic() - started:.1f} s")
             else:
-                env.banner(time.monotonic() - started)
-                env.wait()
+                demo.banner(time.monotonic() - started)
+                demo.wait()
         except Interrupted as exc:
             _write(err, exc.message)
             code = exc.exit_code
