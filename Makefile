@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test lint type unit cov bench clean
+.PHONY: dev test lint type imports unit cov bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/backpack-vault dev
 
-## make test: lint, type-check, then the whole test suite against real servers
-test: lint type unit
+## make test: lint, type-check, import contracts, the whole test suite against real servers,
+## then every benchmark in its quick mode (a bench that fails fails the target)
+test: lint type imports unit bench-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench
@@ -26,6 +27,9 @@ lint: $(STAMP)
 type: $(STAMP)
 	$(BIN)/mypy
 
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
 unit: $(STAMP)
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
 	$(BIN)/coverage combine --quiet
@@ -33,8 +37,12 @@ unit: $(STAMP)
 
 cov: unit
 
+## make bench: every benchmark, full size (minutes); bench-quick: each in a few seconds
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+bench-quick: $(STAMP)
+	for b in bench/*.py; do echo "== $$b --quick"; $(BIN)/python $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .pytest_cache .ruff_cache build dist

@@ -6,7 +6,10 @@ the session one), so mounts, policies and auth methods start out absent.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +18,9 @@ from pathlib import Path
 
 import hvac
 import pytest
+from click.testing import CliRunner
 
+from backpack_vault.cli import cli
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
 from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
 from backpack_vault.dev.vault import DevVault
@@ -35,6 +40,12 @@ KV_MOUNT = "bp-kv"
 KV_PREFIX = "keys"
 GRANTS = "grants"
 MAX_WRAP = 120
+CUSTOM_ENV = {
+    "BACKPACK_VAULT_KV_MOUNT": KV_MOUNT,
+    "BACKPACK_VAULT_KV_PREFIX": KV_PREFIX,
+    "BACKPACK_VAULT_GRANT_PREFIX": GRANTS,
+    "BACKPACK_VAULT_MAX_WRAP_TTL": str(MAX_WRAP),
+}
 
 
 def settings_for(addr: str, token: Secret | None = None, **vault: str) -> Settings:
@@ -138,22 +149,77 @@ class TestWorkerPolicyText:
             provision.render_worker_policy(*args)  # type: ignore[arg-type]
 
 
-class TestPolicyFiles:
-    def test_package_ships_the_deploy_files(self) -> None:
-        """The policies inside the package are byte for byte the files in deploy/vault/policies."""
-        shipped = {p.name: p.read_bytes() for p in SHIPPED.glob("*.hcl")}
+REGENERATE = "backpack-vault policy export deploy/vault/policies"
+
+
+class TestPolicyExport:
+    def test_the_deploy_copy_is_what_the_command_exports(self, tmp_path: Path) -> None:
+        """deploy/vault/policies holds exactly the .hcl files `policy export` writes, no others."""
+        done = subprocess.run(
+            [sys.executable, "-m", "backpack_vault", "policy", "export", str(tmp_path / "out")],
+            env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        exported = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
         deployed = {p.name: p.read_bytes() for p in DEPLOYED.glob("*.hcl")}
-        assert shipped == deployed
-        assert set(shipped) == {
+        assert exported == deployed, (
+            "deploy/vault/policies/ differs from the policies in the package (their one copy, "
+            f"{SHIPPED.relative_to(REPO)}/): regenerate it with `{REGENERATE}`"
+        )
+        assert set(exported) == {
             f"{name}.hcl" for name in (*provision.POLICY_FILES, provision.TEMPLATED_WORKER_POLICY)
         }
+        assert sorted(done.stdout.splitlines()) == sorted(
+            str(tmp_path / "out" / n) for n in exported
+        )
 
+    def test_exports_the_shipped_defaults_whatever_the_settings(self, tmp_path: Path) -> None:
+        """Without --configured the files are as shipped, even with other names configured."""
+        result = CliRunner().invoke(
+            cli, ["policy", "export", str(tmp_path)], env=CUSTOM_ENV, catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+        assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+            p.name: p.read_text() for p in SHIPPED.glob("*.hcl")
+        }
+
+    def test_configured_export_is_what_setup_writes(self, tmp_path: Path) -> None:
+        """With --configured the configured names are in place, as `vault setup` writes them."""
+        (tmp_path / "keep.txt").write_text("not a policy")
+        result = CliRunner().invoke(
+            cli,
+            ["policy", "export", "--configured", str(tmp_path)],
+            env=CUSTOM_ENV,
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        written = {p.stem: p.read_text() for p in tmp_path.glob("*.hcl")}
+        loaded = provision.load_policy_files(
+            custom_settings("http://127.0.0.1:1"), approle_accessor=provision.ACCESSOR_PLACEHOLDER
+        )
+        assert written == loaded
+        assert provision.ACCESSOR_PLACEHOLDER in written[provision.TEMPLATED_WORKER_POLICY]
+        assert (tmp_path / "keep.txt").read_text() == "not a policy"
+
+    def test_an_unwritable_directory_is_a_config_error(self, tmp_path: Path) -> None:
+        """A DIR that cannot be created exits 2 and names it."""
+        (tmp_path / "file").write_text("")
+        result = CliRunner().invoke(cli, ["policy", "export", str(tmp_path / "file" / "sub")])
+        assert result.exit_code == 2
+        assert "cannot write the policies into" in result.output
+
+
+class TestPolicyFiles:
     def test_templated_file_is_the_rendered_default(self) -> None:
         """The templated worker policy file is what the renderer writes from the instructions."""
         text = (SHIPPED / f"{provision.TEMPLATED_WORKER_POLICY}.hcl").read_text()
         assert text == provision.render_templated_worker_policy(), (
             "regenerate service/backpack_vault/vault/policies/backpack-vault-worker-templated.hcl "
-            "(and its deploy/ copy) from provision.render_templated_worker_policy()"
+            f"from provision.render_templated_worker_policy(), then its deploy copy: `{REGENERATE}`"
         )
 
     def test_default_settings_load_the_files_unchanged(self) -> None:

@@ -1,19 +1,26 @@
 """The built wheel: what it contains, and that it installs and runs for an unprivileged user.
 
-The wheel is built from this tree and installed, without its dependencies, into a fresh
-virtual environment that borrows the dependencies of the environment running the tests (a
-``.pth`` line), so nothing is downloaded. The installed entry point then runs as ``nobody``
-when the tests run as root, as it would in the image (uid 10001).
+The wheel is built from this tree and installed into a virtual environment of its own, in a
+temporary directory every user can reach, wherever the checkout lives. Its dependencies are
+copied into it, not downloaded and not borrowed: the installed files of every distribution
+the wheel requires (and those require, transitively), taken from the environment running
+the tests, so they are the versions the suite tested and nothing needs the network. pip
+cannot build wheels back out of installed distributions, and an index would need the
+network and could pick other versions; copying what pip installed, then ``pip check``, is
+offline and exact. When the tests run as root, the installed package then runs as
+``nobody`` (uid 65534), as it would in the image (uid 10001).
 """
 
 from __future__ import annotations
 
+import email.parser
+import importlib.metadata
 import importlib.util
 import os
 import shutil
+import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -21,10 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "service" / "backpack_vault" / "vault" / "policies"
 NOBODY = 65534
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class Installed:
     wheel: Path
     venv: Path
     home: Path
+    copied: tuple[str, ...]  # the distributions copied in as dependencies
 
     @property
     def bin(self) -> Path:
@@ -67,43 +79,130 @@ def run(argv: list[str], installed: Installed) -> subprocess.CompletedProcess[st
     )
 
 
+def reachable_by_others(directory: Path) -> bool:
+    """Every directory from / down to ``directory`` lets other users through."""
+    return all(d.stat().st_mode & stat.S_IXOTH for d in (directory, *directory.parents))
+
+
+def temporary_root() -> Path:
+    """A fresh directory that nobody can enter: under the temp dir, else /tmp or /var/tmp."""
+    for base in (tempfile.gettempdir(), "/tmp", "/var/tmp"):  # noqa: S108 - fallbacks by name
+        if Path(base).is_dir() and reachable_by_others(Path(base).resolve()):
+            root = Path(tempfile.mkdtemp(prefix="bv-wheel-", dir=base))
+            root.chmod(0o755)
+            return root
+    pytest.fail("no temporary directory that other users can enter")
+
+
+def base_interpreter() -> str:
+    """A Python of this version that runs with its own standard library as nobody too.
+
+    The venv's interpreter is its base interpreter, which decides where the standard library
+    comes from. The one running the tests may live where nobody cannot look (a pyenv build
+    in a 0700 home), and then, if it starts at all, it runs another installation's library;
+    so each candidate must report the same base prefix for nobody as for us.
+    """
+    probe = ["-c", "import sys; print(sys.base_prefix, 'python%d.%d' % sys.version_info[:2])"]
+    candidates = [sys._base_executable, f"/usr/local/bin/{PYTHON}", f"/usr/bin/{PYTHON}"]
+    for candidate in dict.fromkeys(candidates):
+        if not Path(candidate).is_file():
+            continue
+        ours = subprocess.run([candidate, *probe], capture_output=True, text=True, check=False)
+        theirs = subprocess.run(
+            as_unprivileged([candidate, *probe]),
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+        same = ours.returncode == theirs.returncode == 0 and ours.stdout == theirs.stdout
+        if same and ours.stdout.split()[-1] == PYTHON:
+            return candidate
+    pytest.fail(
+        f"no {PYTHON} that uid {NOBODY} can run with its standard library: tried {candidates}"
+    )
+
+
+def dependencies(wheel: Path) -> list[importlib.metadata.Distribution]:
+    """The installed distributions the wheel requires, transitively, with extras and markers.
+
+    Versions are left to ``pip check`` in the new venv, which states any mismatch plainly.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = email.parser.Parser().parsestr(archive.read(name).decode())
+    pending = [(Requirement(r), frozenset({""})) for r in metadata.get_all("Requires-Dist") or []]
+    found: dict[str, tuple[importlib.metadata.Distribution, frozenset[str]]] = {}
+    while pending:
+        requirement, extras = pending.pop()  # extras: those asked of the requiring distribution
+        if requirement.marker and not any(
+            requirement.marker.evaluate({"extra": e}) for e in extras
+        ):
+            continue
+        try:
+            dist = importlib.metadata.distribution(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{requirement} is not installed here: pip install -e '.[dev]'")
+        key = canonicalize_name(dist.name)
+        known = found[key][1] if key in found else frozenset()
+        wanted = known | {"", *requirement.extras}
+        if key not in found or wanted != known:
+            found[key] = (dist, wanted)
+            pending += [(Requirement(r), wanted) for r in dist.requires or []]
+    return [dist for dist, _ in found.values()]
+
+
+def copy_installed(dist: importlib.metadata.Distribution, site: Path) -> None:
+    """Copy a distribution's files (its RECORD) into ``site``; scripts outside it are left out."""
+    root = Path(str(dist.locate_file(""))).resolve()
+    if dist.files is None:
+        pytest.fail(f"{dist.name} has no RECORD of its files: reinstall it with pip")
+    for file in dist.files:
+        source = Path(str(dist.locate_file(file))).resolve()
+        if source.is_relative_to(root) and source.is_file():
+            target = site / source.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Installed]:
-    """The wheel built from this tree, installed into a fresh venv readable by anyone."""
-    root = Path(tempfile.mkdtemp(prefix="bv-wheel-"))
-    root.chmod(0o755)  # nobody must reach the venv
+    """The wheel built from this tree, in a venv of its own that anyone can read."""
+    root = temporary_root()
     try:
         dist, venv, home = root / "dist", root / "venv", root / "home"
-        home.mkdir(mode=0o777)
+        home.mkdir()
         home.chmod(0o777)
+        # The build backend is a dev dependency: build with it, offline, when it is here.
         isolation = (
             [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
         )
-        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
         subprocess.run(
-            [*pip, "wheel", "--no-deps", *isolation, "--wheel-dir", str(dist), str(REPO)],
+            [*PIP, "wheel", "--no-deps", *isolation, "--wheel-dir", dist, REPO],
             check=True,
             timeout=240,
         )
         (wheel,) = dist.glob("backpack_vault-*.whl")
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        subprocess.run([base_interpreter(), "-m", "venv", "--without-pip", venv], check=True)
         python = venv / "bin" / "python"
-        subprocess.run(
-            [*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
-            check=True,
-            timeout=120,
-        )
-        # Dependencies come from the environment running the tests, found after the wheel.
-        target = subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
-        (Path(target) / "zz_test_dependencies.pth").write_text(
-            sysconfig.get_paths()["purelib"] + "\n"
+        copied = dependencies(wheel)
+        for dependency in copied:
+            copy_installed(dependency, Path(site))
+        subprocess.run(
+            [*PIP, "--python", python, "install", "--no-deps", "--no-index", wheel],
+            check=True,
+            timeout=120,
         )
-        yield Installed(wheel, venv, home)
+        # Every requirement of every distribution in the venv is met by what is in the venv.
+        subprocess.run([*PIP, "--python", python, "check"], check=True, timeout=60)
+        names = tuple(sorted(canonicalize_name(d.name) for d in copied))
+        yield Installed(wheel, venv, home, names)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -164,3 +263,22 @@ class TestWheel:
         assert result.returncode == 0, result.stderr
         assert "Usage: backpack-vault" in result.stdout
         assert "keys" in result.stdout
+
+    def test_dependencies_come_from_the_venv_alone(self, installed: Installed) -> None:
+        """As nobody, the package and its dependencies load from the venv and the stdlib only."""
+        code = (
+            "import sys, backpack_vault.cli, httpx, hvac, nacl.signing, uvicorn, httptools,"
+            " starlette.applications, apscheduler.schedulers.background, prometheus_client,"
+            " structlog, stamina;"
+            "roots = (sys.prefix + '/', sys.base_prefix + '/');"
+            "print(sys.prefix);"
+            "print(sorted({f for m in list(sys.modules.values())"
+            " if (f := getattr(m, '__file__', None)) and not f.startswith(roots)}))"
+        )
+        result = run([str(installed.bin / "python"), "-c", code], installed)
+        assert result.returncode == 0, result.stderr
+        prefix, elsewhere = result.stdout.splitlines()
+        assert Path(prefix) == installed.venv
+        assert elsewhere == "[]"
+        assert {"hvac", "pynacl", "httpx", "uvicorn", "apscheduler"} <= set(installed.copied)
+        assert not {"pytest", "mypy", "ruff", "hatchling", "coverage"} & set(installed.copied)

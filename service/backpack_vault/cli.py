@@ -408,7 +408,7 @@ def vault_setup(
 
 @cli.group("policy")
 def policy_group() -> None:
-    """Print Vault policies for the grant paths."""
+    """Print worker policies for the grant paths; export the shipped policies."""
 
 
 @policy_group.command("worker")
@@ -431,6 +431,35 @@ def policy_worker(
 
     grant_prefix = ctx.settings().vault.grant_prefix
     click.echo(render_worker_policy(grant_prefix, sub, key_name, instructions, copy=copy), nl=False)
+
+
+@policy_group.command("export")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--configured",
+    is_flag=True,
+    help="Put the configured KV mount, KV prefix, grant prefix and max wrap TTL in place of "
+    "the defaults, as `vault setup` writes them.",
+)
+@pass_ctx
+@handle_errors
+def policy_export(ctx: Context, directory: Path, configured: bool) -> None:
+    """Write the policy HCL files shipped in the package into DIR, one file per policy.
+
+    By default the files exactly as shipped, with the default names (secret, backpack,
+    backpack-broker, 300s): what deploy/vault/policies holds. Files of the same name in DIR
+    are replaced; other files are left alone.
+    """
+    from backpack_vault.vault.setup import export_policy_files  # noqa: PLC0415 - fast start
+
+    files = export_policy_files(ctx.settings() if configured else None)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, hcl in files.items():
+            (directory / name).write_text(hcl, encoding="utf-8")
+            click.echo(directory / name)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the policies into {directory}: {exc.strerror}") from exc
 
 
 # -- servers ------------------------------------------------------------------------------

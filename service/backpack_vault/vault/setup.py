@@ -4,7 +4,8 @@ Two halves:
 
 - **Rendering** (pure): :func:`render_worker_policy` prints what ``backpack-vault policy
   worker`` shows, and :func:`load_policy_files` reads the HCL shipped in ``policies/`` (the
-  same files as ``deploy/vault/policies``) with the configured KV mount, KV prefix, grant
+  one copy: ``deploy/vault/policies`` is exported from it by ``backpack-vault policy
+  export``, :func:`export_policy_files`) with the configured KV mount, KV prefix, grant
   prefix and wrap TTL bound in place of the defaults the files are written with.
 - **Setup**: :func:`setup` makes a Vault ready, one step per item, through
   ``vault.Provisioner`` only (no hvac here), and reports each item as created, changed or
@@ -59,6 +60,7 @@ __all__ = [
     "Outcome",
     "SetupItem",
     "SetupReport",
+    "export_policy_files",
     "load_policy_files",
     "render_templated_worker_policy",
     "render_worker_policy",
@@ -286,6 +288,26 @@ def load_policy_files(settings: Settings, *, approle_accessor: str | None = None
             ACCESSOR_PLACEHOLDER, approle_accessor
         )
     return policies
+
+
+def export_policy_files(settings: Settings | None = None) -> dict[str, str]:
+    """File name -> HCL of every shipped policy (what ``backpack-vault policy export`` writes).
+
+    Without ``settings``, the files exactly as shipped, with the default names (``secret``,
+    ``backpack``, ``backpack-broker``, ``300s``): what ``deploy/vault/policies`` holds and
+    what ``vault setup`` writes under default settings. With ``settings``, the configured
+    names in their place, as ``vault setup`` writes them; the templated worker policy keeps
+    :data:`ACCESSOR_PLACEHOLDER` either way (the AppRole mount's accessor is known only once
+    it is enabled).
+    """
+    names = (*POLICY_FILES, TEMPLATED_WORKER_POLICY)
+    if settings is None:
+        return {f"{name}.hcl": _read_shipped(name) for name in names}
+    max_wrap_ttl = settings.broker.max_wrap_ttl
+    return {
+        f"{name}.hcl": _localize(_read_shipped(name), settings.vault, max_wrap_ttl)
+        for name in names
+    }
 
 
 # -- setup ------------------------------------------------------------------------------
