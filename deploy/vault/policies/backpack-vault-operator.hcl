@@ -15,3 +15,13 @@ path "secret/data/backpack/*" {
 path "secret/metadata/backpack/*" {
   capabilities = ["create", "read", "update", "patch", "delete", "list"]
 }
+
+# The change feed: retire, revoke, reinstate and delete append to it, so every replica of
+# the daemon refuses a retired or revoked key within a second.
+path "secret/data/backpack-changes" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/backpack-changes" {
+  capabilities = ["read"]
+}

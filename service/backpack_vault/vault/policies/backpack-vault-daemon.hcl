@@ -21,6 +21,16 @@ path "secret/metadata/backpack-leader" {
   capabilities = ["read"]
 }
 
+# The change feed: every status change is appended here (check-and-set) and every replica
+# polls it, so a retire or revoke reaches all replicas within a second.
+path "secret/data/backpack-changes" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/backpack-changes" {
+  capabilities = ["read"]
+}
+
 # Wrapped copies for workers. The bound stops a bug or a bad setting from issuing long-lived
 # wrapping tokens: Vault refuses any wrap TTL above it (BACKPACK_VAULT_MAX_WRAP_TTL).
 path "sys/wrapping/wrap" {
