@@ -98,8 +98,9 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # httpx logs every request URL at INFO; a webhook URL can carry a token.
-    for noisy in ("httpx", "httpcore", "hpack"):
+    # httpx logs every request URL at INFO (a webhook URL can carry a token); apscheduler
+    # logs every job run at INFO, which drowned the daemon's own events.
+    for noisy in ("httpx", "httpcore", "hpack", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[

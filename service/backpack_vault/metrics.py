@@ -11,6 +11,7 @@ gauge is set once per change, and revoked copies are counted.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import Final
 
@@ -20,15 +21,22 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
+from backpack_vault import __version__
 from backpack_vault.core.keys import Status
 from backpack_vault.events import Cause, CopiesRevoked, Event, KeyStatusChanged
 
 __all__ = ["NO_KEY", "Metrics"]
 
 NO_KEY: Final = "-"
+_CHECK_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0)
+_OFFSET_BUCKETS: Final = (
+    -5.0, -1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)  # fmt: skip
 _LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
@@ -37,8 +45,19 @@ _LATENCY_BUCKETS: Final = (
 class Metrics:
     """Every metric the daemon exports, registered on ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, process: bool = True) -> None:
+        # The *_created series double every counter's series and no panel or rule uses them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
+        self.build_info = Gauge(
+            "backpack_vault_build_info",
+            "Always 1; the labels say which backpack-vault and Python this process runs.",
+            ["version", "python"],
+            registry=registry,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+        if process:  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+            ProcessCollector(registry=registry)
         self._declare_worker_api(registry)
         self._declare_vault_session(registry)
         self._declare_checks(registry)
@@ -135,6 +154,18 @@ class Metrics:
             "Keys with a scheduled liveness check on this replica.",
             registry=registry,
         )
+        self.check_duration = Histogram(
+            "backpack_vault_check_duration_seconds",
+            "Time one liveness check took (status, clock, probes, any confirmation).",
+            buckets=_CHECK_BUCKETS,
+            registry=registry,
+        )
+        self.clock_offset = Histogram(
+            "backpack_vault_clock_offset_seconds",
+            "Backpack's clock minus ours, as measured before each probe.",
+            buckets=_OFFSET_BUCKETS,
+            registry=registry,
+        )
         self.revocations = Counter(
             "backpack_vault_copies_revoked",
             "Unclaimed copies revoked because their key was revoked or retired.",
@@ -189,6 +220,12 @@ class Metrics:
     def record_check(self, key: str, verdict: str, reason: str = "") -> None:
         self.checks.labels(key=key, verdict=verdict, reason=reason or "none").inc()
         self.last_checked.labels(key=key).set_to_current_time()
+
+    def observe_check(self, seconds: float, offset_ms: int | None = None) -> None:
+        """How long a check took and the clock offset it measured (None: not measured)."""
+        self.check_duration.observe(seconds)
+        if offset_ms is not None:
+            self.clock_offset.observe(offset_ms / 1000)
 
     def set_leader(self, *, leader: bool) -> None:
         self.leader.set(1 if leader else 0)

@@ -68,8 +68,13 @@ _TRANSIENT: Final = (
 )
 
 
-def _fail(exc: BaseException, op: str, where: str, *, caller_token: bool = False) -> NoReturn:
-    """Raise our error for a Vault failure, without its body. ``where`` is a path, not data."""
+def _fail(
+    exc: BaseException, op: str, where: str, *, addr: str = "", caller_token: bool = False
+) -> NoReturn:
+    """Raise our error for a Vault failure, without its body. ``where`` is a path, not data;
+    ``addr`` is the Vault it was sent to, so every message names the address tried."""
+    if addr:
+        where = f"{where} at {addr}"
     if isinstance(exc, hvac.exceptions.VaultDown):
         raise VaultUnavailable(f"Vault is sealed or down ({op} {where})") from None
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
@@ -117,6 +122,7 @@ def _calling(
     op: str,
     where: str,
     *,
+    addr: str = "",
     caller_token: bool = False,
     missing: Callable[[], Exception] | None = None,
     refused: Callable[[], Exception] | None = None,
@@ -128,14 +134,14 @@ def _calling(
         raise
     except hvac.exceptions.InvalidPath as exc:
         if missing is None:
-            _fail(exc, op, where, caller_token=caller_token)
+            _fail(exc, op, where, addr=addr, caller_token=caller_token)
         raise missing() from None
     except hvac.exceptions.InvalidRequest as exc:
         if refused is None:
-            _fail(exc, op, where, caller_token=caller_token)
+            _fail(exc, op, where, addr=addr, caller_token=caller_token)
         raise refused() from None
     except (hvac.exceptions.VaultError, requests.RequestException) as exc:
-        _fail(exc, op, where, caller_token=caller_token)
+        _fail(exc, op, where, addr=addr, caller_token=caller_token)
 
 
 class Vault:
@@ -172,6 +178,10 @@ class Vault:
     def close(self) -> None:
         self._session.close()
 
+    def _at(self, op: str, where: str, **options: Any) -> contextlib.AbstractContextManager[None]:
+        """Translate failures of one call, naming this Vault's address in the message."""
+        return _calling(op, where, addr=self.settings.addr, **options)
+
     # -- authentication ---------------------------------------------------------------
 
     @property
@@ -181,7 +191,7 @@ class Vault:
     def login(self) -> TokenInfo:
         """Authenticate with the configured method; return what Vault says of the token."""
         s = self.settings
-        with _calling("login", s.auth):
+        with self._at("login", s.auth):
             if s.auth == "token":
                 if not s.token:
                     raise ConfigError(
@@ -221,7 +231,7 @@ class Vault:
         return self.lookup_self()
 
     def lookup_self(self) -> TokenInfo:
-        with _calling("lookup-self", "auth/token/lookup-self"):
+        with self._at("lookup-self", "auth/token/lookup-self"):
             data = self._client.auth.token.lookup_self()["data"]
         self._token_info = self._token_from(data)
         return self._token_info
@@ -231,7 +241,7 @@ class Vault:
         info = self._token_info
         if info is not None and info.renewable:
             try:
-                with _calling("renew-self", "auth/token/renew-self"):
+                with self._at("renew-self", "auth/token/renew-self"):
                     self._client.auth.token.renew_self(increment=increment)
                 return self.lookup_self()
             except (VaultDenied, UpstreamError) as exc:
@@ -264,7 +274,7 @@ class Vault:
 
     def health(self) -> None:
         """Raise VaultUnavailable unless Vault answers, is unsealed and accepts our token."""
-        with _calling("health", "sys/health"):
+        with self._at("health", "sys/health"):
             response = self._session.get(
                 f"{self.settings.addr}/v1/sys/health",
                 params={"standbyok": "true", "perfstandbyok": "true"},
@@ -292,7 +302,7 @@ class Vault:
         path = self._path(record.ref)
         kv = self._client.secrets.kv.v2
         exists = WriteConflict(str(record.ref), "a key with this name is already stored")
-        with _calling("write", f"{self._mount}/data/{path}", refused=lambda: exists):
+        with self._at("write", f"{self._mount}/data/{path}", refused=lambda: exists):
             written = kv.create_or_update_secret(
                 path=path,
                 secret={"api_key": record.api_key, "api_secret": secret.reveal()},
@@ -301,7 +311,7 @@ class Vault:
             )
         version = int(written["data"]["version"])
         try:
-            with _calling("write metadata", f"{self._mount}/metadata/{path}"):
+            with self._at("write metadata", f"{self._mount}/metadata/{path}"):
                 kv.update_metadata(
                     path=path,
                     cas_required=True,
@@ -309,7 +319,7 @@ class Vault:
                     mount_point=self._mount,
                 )
         except ServiceError:
-            with contextlib.suppress(ServiceError), _calling("delete", path):
+            with contextlib.suppress(ServiceError), self._at("delete", path):
                 kv.delete_metadata_and_all_versions(path=path, mount_point=self._mount)
             raise
         return _replace_version(record, version)
@@ -318,7 +328,7 @@ class Vault:
         """The key's metadata (needs only ``read`` on the metadata path)."""
         path = self._path(ref)
         unknown = lambda: UnknownKey(str(ref))  # noqa: E731
-        with _calling("read metadata", f"{self._mount}/metadata/{path}", missing=unknown):
+        with self._at("read metadata", f"{self._mount}/metadata/{path}", missing=unknown):
             meta = self._client.secrets.kv.v2.read_secret_metadata(
                 path=path, mount_point=self._mount
             )["data"]
@@ -330,7 +340,7 @@ class Vault:
         """The key's record and its secret, in one read."""
         path = self._path(ref)
         unknown = lambda: UnknownKey(str(ref))  # noqa: E731
-        with _calling("read", f"{self._mount}/data/{path}", missing=unknown):
+        with self._at("read", f"{self._mount}/data/{path}", missing=unknown):
             body = self._client.secrets.kv.v2.read_secret_version(
                 path=path, mount_point=self._mount, raise_on_deleted_version=True
             )["data"]
@@ -360,7 +370,7 @@ class Vault:
 
     def _list(self, path: str) -> list[str]:
         try:
-            with _calling("list", f"{self._mount}/metadata/{path}", missing=_Missing):
+            with self._at("list", f"{self._mount}/metadata/{path}", missing=_Missing):
                 keys = self._client.secrets.kv.v2.list_secrets(path=path, mount_point=self._mount)
         except _Missing:
             return []
@@ -402,7 +412,7 @@ class Vault:
         if verdict:
             patch |= {"last_verdict": verdict, "last_checked_at": now}
         path = self._path(ref)
-        with _calling("patch metadata", f"{self._mount}/metadata/{path}"):
+        with self._at("patch metadata", f"{self._mount}/metadata/{path}"):
             self._client.adapter.request(
                 "PATCH",
                 f"/v1/{self._mount}/metadata/{path}",
@@ -416,7 +426,7 @@ class Vault:
         """Delete every version and the metadata of a key; publish it as retired."""
         self.read_record(ref)  # UnknownKey rather than a silent no-op
         path = self._path(ref)
-        with _calling("delete", f"{self._mount}/metadata/{path}"):
+        with self._at("delete", f"{self._mount}/metadata/{path}"):
             self._client.secrets.kv.v2.delete_metadata_and_all_versions(
                 path=path, mount_point=self._mount
             )
@@ -463,7 +473,7 @@ class Vault:
         """A KV v2 document under our prefix and its version, or None when absent."""
         full = f"{self._prefix}-{path}"
         try:
-            with _calling("read", f"{self._mount}/data/{full}", missing=_Missing):
+            with self._at("read", f"{self._mount}/data/{full}", missing=_Missing):
                 body = self._client.secrets.kv.v2.read_secret_version(
                     path=full, mount_point=self._mount, raise_on_deleted_version=False
                 )["data"]
@@ -477,7 +487,7 @@ class Vault:
         """Write with check-and-set; WriteConflict when ``cas`` is not the current version."""
         full = f"{self._prefix}-{path}"
         conflict = lambda: WriteConflict(path)  # noqa: E731
-        with _calling("write", f"{self._mount}/data/{full}", refused=conflict):
+        with self._at("write", f"{self._mount}/data/{full}", refused=conflict):
             written = self._client.secrets.kv.v2.create_or_update_secret(
                 path=full, secret=dict(data), cas=cas, mount_point=self._mount
             )
@@ -486,7 +496,7 @@ class Vault:
     # -- response wrapping --------------------------------------------------------------
 
     def wrap(self, payload: Mapping[str, Any], ttl: int) -> WrapInfo:
-        with _calling("wrap", "sys/wrapping/wrap"):
+        with self._at("wrap", "sys/wrapping/wrap"):
             info = self._client.sys.wrap(payload=dict(payload), ttl=f"{ttl}s")["wrap_info"]
         return WrapInfo(
             token=Secret(info["token"]),
@@ -497,7 +507,7 @@ class Vault:
 
     def revoke_accessor(self, accessor: str) -> None:
         """Revoke a token by accessor; an unknown or used-up accessor is not an error."""
-        with _calling("revoke-accessor", "auth/token/revoke-accessor"):
+        with self._at("revoke-accessor", "auth/token/revoke-accessor"):
             self._client.auth.token.revoke_accessor(accessor)
 
     # -- questions asked with a worker's own token ---------------------------------------
@@ -507,20 +517,20 @@ class Vault:
         if not token:
             raise NotAuthenticated("no Vault token: send X-Vault-Token or Authorization: Bearer")
         client = self._new_client(token)
-        with _calling("capabilities-self", "sys/capabilities-self", caller_token=True):
+        with self._at("capabilities-self", "sys/capabilities-self", caller_token=True):
             body = client.sys.get_capabilities(paths=list(paths))
         data = body.get("data", body)
         return {p: frozenset(data.get(p) or ()) for p in paths}
 
     def lookup_caller(self, token: Secret) -> TokenInfo:
         client = self._new_client(token)
-        with _calling("lookup-self", "auth/token/lookup-self", caller_token=True):
+        with self._at("lookup-self", "auth/token/lookup-self", caller_token=True):
             data = client.auth.token.lookup_self()["data"]
         return self._token_from(data)
 
     def probe_token(self) -> None:
         """Raise VaultDenied unless Vault still accepts our own token; ``token_info`` is kept."""
-        with _calling("lookup-self", "auth/token/lookup-self"):
+        with self._at("lookup-self", "auth/token/lookup-self"):
             self._client.auth.token.lookup_self()
 
     @classmethod
@@ -544,10 +554,11 @@ class Provisioner:
 
     def __init__(self, vault: Vault) -> None:
         self._client = vault._client  # noqa: SLF001 - same module, same identity
+        self._at = vault._at  # noqa: SLF001
 
     def ensure_kv_v2(self, mount: str) -> bool:
         mount = mount.strip("/")
-        with _calling("read mounts", "sys/mounts"):
+        with self._at("read mounts", "sys/mounts"):
             mounts = self._client.sys.list_mounted_secrets_engines()
         existing = (mounts.get("data") or mounts).get(f"{mount}/")
         if existing is not None:
@@ -558,12 +569,12 @@ class Provisioner:
                     "BACKPACK_VAULT_KV_MOUNT or upgrade it with `vault kv enable-versioning`"
                 )
             return False
-        with _calling("enable", f"sys/mounts/{mount}"):
+        with self._at("enable", f"sys/mounts/{mount}"):
             self._client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
         return True
 
     def ensure_policy(self, name: str, hcl: str) -> bool:
-        with _calling("read policy", f"sys/policy/{name}", missing=_Missing):
+        with self._at("read policy", f"sys/policy/{name}", missing=_Missing):
             try:
                 current = self._client.sys.read_policy(name=name)
             except hvac.exceptions.InvalidPath:
@@ -571,17 +582,17 @@ class Provisioner:
         body = current and ((current.get("data") or current).get("rules") or "")
         if body and body.strip() == hcl.strip():
             return False
-        with _calling("write policy", f"sys/policy/{name}"):
+        with self._at("write policy", f"sys/policy/{name}"):
             self._client.sys.create_or_update_policy(name=name, policy=hcl)
         return True
 
     def ensure_auth(self, method: str, mount: str | None = None) -> bool:
         mount = (mount or method).strip("/")
-        with _calling("read auth", "sys/auth"):
+        with self._at("read auth", "sys/auth"):
             methods = self._client.sys.list_auth_methods()
         if f"{mount}/" in (methods.get("data") or methods):
             return False
-        with _calling("enable auth", f"sys/auth/{mount}"):
+        with self._at("enable auth", f"sys/auth/{mount}"):
             self._client.sys.enable_auth_method(method_type=method, path=mount)
         return True
 
@@ -595,14 +606,14 @@ class Provisioner:
     ) -> bool:
         wanted = {"token_policies": sorted(policies), "token_ttl": token_ttl}
         try:
-            with _calling("read role", f"auth/{mount}/role/{role}", missing=_Missing):
+            with self._at("read role", f"auth/{mount}/role/{role}", missing=_Missing):
                 current = self._client.auth.approle.read_role(role_name=role, mount_point=mount)
             data = current.get("data") or {}
             if sorted(data.get("token_policies") or []) == wanted["token_policies"]:
                 return False
         except _Missing:
             pass
-        with _calling("write role", f"auth/{mount}/role/{role}"):
+        with self._at("write role", f"auth/{mount}/role/{role}"):
             self._client.auth.approle.create_or_update_approle(
                 role_name=role,
                 token_policies=list(policies),
@@ -622,7 +633,7 @@ class Provisioner:
         mount: str = "kubernetes",
     ) -> bool:
         try:
-            with _calling("read role", f"auth/{mount}/role/{role}", missing=_Missing):
+            with self._at("read role", f"auth/{mount}/role/{role}", missing=_Missing):
                 current = self._client.auth.kubernetes.read_role(name=role, mount_point=mount)
             if sorted(current.get("token_policies") or current.get("policies") or []) == sorted(
                 policies
@@ -630,7 +641,7 @@ class Provisioner:
                 return False
         except _Missing:
             pass
-        with _calling("write role", f"auth/{mount}/role/{role}"):
+        with self._at("write role", f"auth/{mount}/role/{role}"):
             self._client.auth.kubernetes.create_role(
                 name=role,
                 bound_service_account_names=list(service_accounts),
@@ -642,7 +653,7 @@ class Provisioner:
 
     def approle_credentials(self, role: str, *, mount: str = "approle") -> tuple[str, Secret]:
         """A role id and a fresh secret id (for demos and tests)."""
-        with _calling("read role-id", f"auth/{mount}/role/{role}/role-id"):
+        with self._at("read role-id", f"auth/{mount}/role/{role}/role-id"):
             role_id = self._client.auth.approle.read_role_id(role_name=role, mount_point=mount)
             secret_id = self._client.auth.approle.generate_secret_id(
                 role_name=role, mount_point=mount
@@ -653,7 +664,7 @@ class Provisioner:
         self, policies: Sequence[str], *, ttl: str = "1h", meta: Mapping[str, str] | None = None
     ) -> Secret:
         """A child token with the given policies (for demos and tests)."""
-        with _calling("create token", "auth/token/create"):
+        with self._at("create token", "auth/token/create"):
             body = self._client.auth.token.create(
                 policies=list(policies), ttl=ttl, meta=dict(meta or {})
             )
@@ -663,20 +674,20 @@ class Provisioner:
 
     def auth_accessor(self, mount: str) -> str | None:
         """The accessor of the auth method at ``mount``, or None when none is enabled there."""
-        with _calling("read auth", "sys/auth"):
+        with self._at("read auth", "sys/auth"):
             methods = self._client.sys.list_auth_methods()
         entry = (methods.get("data") or methods).get(f"{mount.strip('/')}/")
         return str(entry["accessor"]) if entry else None
 
     def policy_names(self) -> frozenset[str]:
-        with _calling("list policies", "sys/policy"):
+        with self._at("list policies", "sys/policy"):
             body = self._client.sys.list_policies()
         return frozenset((body.get("data") or body).get("policies") or ())
 
     def role_names(self, mount: str) -> frozenset[str]:
         """The roles of an AppRole or Kubernetes auth mount (both list ``auth/<mount>/role``)."""
         mount = mount.strip("/")
-        with _calling("list roles", f"auth/{mount}/role"):
+        with self._at("list roles", f"auth/{mount}/role"):
             try:
                 body = self._client.list(f"auth/{mount}/role")
             except hvac.exceptions.InvalidPath:
