@@ -111,6 +111,8 @@ class Settings:
     listen: str = "127.0.0.1:8280"
     log_format: str = "json"
     log_level: str = "info"
+    tls_cert: str | None = None  # PEM files; the worker API serves HTTPS when both are set
+    tls_key: str | None = None
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -178,6 +180,8 @@ FIELDS: Final[tuple[Field, ...]] = (
         "",
         "log_level",
     ),
+    Field("tls_cert", "BACKPACK_VAULT_TLS_CERT", _text, "", "tls_cert"),
+    Field("tls_key", "BACKPACK_VAULT_TLS_KEY", _text, "", "tls_key"),
     Field("vault_addr", "VAULT_ADDR", _url, "vault", "addr"),
     Field("vault_token", "VAULT_TOKEN", _text, "vault", "token", secret=True),
     Field("vault_cacert", "VAULT_CACERT", _text, "vault", "cacert"),
@@ -298,6 +302,11 @@ def load(
     if broker.wrap_ttl > broker.max_wrap_ttl:
         raise ConfigError(
             f"wrap_ttl {broker.wrap_ttl}s exceeds max_wrap_ttl {broker.max_wrap_ttl}s"
+        )
+    if ("tls_cert" in sections[""]) != ("tls_key" in sections[""]):
+        raise ConfigError(
+            "TLS needs both BACKPACK_VAULT_TLS_CERT and BACKPACK_VAULT_TLS_KEY "
+            "(serve --tls-cert and --tls-key), or neither"
         )
     return Settings(
         vault=VaultSettings(**sections["vault"]),  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import contextlib
 import math
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
@@ -27,7 +28,14 @@ import uvicorn
 from backpack_vault.core.clock import wait_for
 from backpack_vault.errors import ConfigError, ServiceError
 
-__all__ = ["HANDLED_SIGNALS", "ServerThread", "capture_signals", "free_port", "make_server"]
+__all__ = [
+    "HANDLED_SIGNALS",
+    "ReloadableTLS",
+    "ServerThread",
+    "capture_signals",
+    "free_port",
+    "make_server",
+]
 
 HANDLED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 _FORCED_EXIT_S: Final = 5.0  # after the graceful period: open connections are cut
@@ -47,6 +55,37 @@ def capture_signals(handler: Callable[[int, FrameType | None], None]) -> Iterato
             signal.signal(sig, old)
 
 
+class ReloadableTLS:
+    """One server-side TLS context whose certificate can be swapped while serving.
+
+    ``reload()`` loads the files again into the same context: handshakes from then on
+    use the new certificate, connections already open keep theirs. A reload that fails
+    (a half-written file, say) keeps the old certificate and raises ConfigError.
+    """
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._load(self.context)
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ConfigError(
+                f"cannot load the TLS certificate {self.cert_file} and key {self.key_file}: "
+                f"{reason}"
+            ) from None
+
+    def reload(self) -> None:
+        # Check the new pair on a scratch context first: a bad pair must not be half-loaded.
+        self._load(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+        self._load(self.context)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now (the OS picks it)."""
     with socket.socket() as sock:
@@ -54,7 +93,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def make_server(app: Any, host: str, port: int, *, graceful_s: int = 10) -> uvicorn.Server:
+def make_server(
+    app: Any, host: str, port: int, *, graceful_s: int = 10, tls: ReloadableTLS | None = None
+) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         host=host,
@@ -65,6 +106,10 @@ def make_server(app: Any, host: str, port: int, *, graceful_s: int = 10) -> uvic
         timeout_graceful_shutdown=graceful_s,
         ws="none",
     )
+    if tls is not None:
+        # uvicorn builds its own context from file names; ours can be reloaded in place.
+        config.load()
+        config.ssl = tls.context
     return uvicorn.Server(config)
 
 
@@ -76,19 +121,26 @@ class ServerThread:
     """Serve ``app`` on ``host:port`` in a daemon thread; ``with ServerThread(app, port=p):``."""
 
     def __init__(
-        self, app: Any, host: str = "127.0.0.1", port: int = 0, *, graceful_s: int = 2
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        graceful_s: int = 2,
+        tls: ReloadableTLS | None = None,
     ) -> None:
         if port == 0:
             port = free_port()
         self.host = host
         self.port = port
         self.graceful_s = graceful_s
-        self.server = make_server(app, host, port, graceful_s=graceful_s)
+        self.tls = tls
+        self.server = make_server(app, host, port, graceful_s=graceful_s, tls=tls)
         self._thread = threading.Thread(target=self.server.run, name=f"asgi:{port}", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def alive(self) -> bool:

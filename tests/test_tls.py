@@ -1,0 +1,128 @@
+"""TLS on the worker API: served from PEM files, reloaded in place without dropping anyone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from backpack_vault.config import load
+from backpack_vault.daemon.serving import ReloadableTLS, ServerThread
+from backpack_vault.errors import ConfigError
+
+
+def _pair(directory: Path, name: str, serial: int) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def _trust(cert: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cert))
+
+
+def _served_serial(port: int) -> int:
+    """The serial number of the certificate a new connection is shown."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def _app() -> Starlette:
+    async def hello(_request: object) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    return Starlette(routes=[Route("/", hello)])
+
+
+class TestTLS:
+    def test_https_is_served_with_the_configured_pair(self, tmp_path: Path) -> None:
+        """A client that trusts the certificate gets an answer; one that doesn't is refused."""
+        cert, key = _pair(tmp_path, "one", 1)
+        with ServerThread(_app(), tls=ReloadableTLS(str(cert), str(key))) as server:
+            assert server.url.startswith("https://")
+            assert httpx.get(server.url, verify=_trust(cert)).text == "hello"
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(server.url)
+
+    def test_a_reload_swaps_the_certificate_and_keeps_open_connections(
+        self, tmp_path: Path
+    ) -> None:
+        """New handshakes see the new certificate; a kept-alive connection goes on working."""
+        one_cert, one_key = _pair(tmp_path, "one", 1)
+        two_cert, two_key = _pair(tmp_path, "two", 2)
+        served = tmp_path / "served.crt", tmp_path / "served.key"
+        served[0].write_bytes(one_cert.read_bytes())
+        served[1].write_bytes(one_key.read_bytes())
+        tls = ReloadableTLS(str(served[0]), str(served[1]))
+        with ServerThread(_app(), tls=tls) as server, httpx.Client(verify=_trust(one_cert)) as kept:
+            assert kept.get(server.url).text == "hello"
+            assert _served_serial(server.port) == 1
+            served[0].write_bytes(two_cert.read_bytes())
+            served[1].write_bytes(two_key.read_bytes())
+            tls.reload()
+            assert _served_serial(server.port) == 2
+            assert kept.get(server.url).text == "hello"  # the open connection was not dropped
+            assert httpx.get(server.url, verify=_trust(two_cert)).text == "hello"
+
+    def test_a_bad_reload_keeps_the_old_certificate(self, tmp_path: Path) -> None:
+        """A half-written file is refused with a clear error, and serving goes on."""
+        cert, key = _pair(tmp_path, "one", 1)
+        tls = ReloadableTLS(str(cert), str(key))
+        with ServerThread(_app(), tls=tls) as server:
+            cert.write_text("-----BEGIN CERTIFICATE-----\ntrunc")
+            with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
+                tls.reload()
+            assert _served_serial(server.port) == 1
+
+    def test_cert_and_key_come_together(self) -> None:
+        """One of the two settings alone is a configuration error naming both."""
+        with pytest.raises(ConfigError, match="BACKPACK_VAULT_TLS_KEY"):
+            load({"BACKPACK_VAULT_TLS_CERT": "/x.crt"})
+        settings = load({"BACKPACK_VAULT_TLS_CERT": "/x.crt", "BACKPACK_VAULT_TLS_KEY": "/x.key"})
+        assert (settings.tls_cert, settings.tls_key) == ("/x.crt", "/x.key")
