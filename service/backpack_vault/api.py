@@ -31,12 +31,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Final, Protocol
 
+import orjson
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as StarletteJSONResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from backpack_vault.backpack.instructions import is_known
@@ -64,6 +66,14 @@ from backpack_vault.metrics import NO_KEY, Metrics
 __all__ = ["Readiness", "ReportCallback", "WatchSource", "create_app", "error_response"]
 
 log = get_logger("backpack_vault.api")
+
+
+class JSONResponse(StarletteJSONResponse):
+    """Starlette's JSON response, rendered with orjson (the hot path answers JSON)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
 
 Readiness = Callable[[], "bool | tuple[bool, str] | tuple[bool, Mapping[str, object]]"]
 ReportCallback = Callable[[KeyRef, str], None]

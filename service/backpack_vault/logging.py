@@ -12,6 +12,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
 
+import orjson
 import structlog
 
 from backpack_vault.config import Secret
@@ -69,13 +70,18 @@ class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the stdlib handler this module installs, so configure() replaces only it."""
 
 
+def _json(obj: Any, **_options: Any) -> str:
+    """orjson for every log line: a few times faster than json.dumps on the request path."""
+    return orjson.dumps(obj, default=str).decode()
+
+
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog once, at the edge (cli); stdlib loggers (uvicorn, apscheduler,
     httpx) are rendered the same way, through the same redaction."""
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_json)
     )
     handler = _OurHandler(stream or sys.stderr)
     handler.setFormatter(
