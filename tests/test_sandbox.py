@@ -43,7 +43,7 @@ VECTOR_KEY = KeyPair(VECTORS["key"]["api_key"], Secret(VECTORS["key"]["api_secre
 
 FROZEN_MS = 1_700_000_001_000
 # What each vector's request gets once its signature is accepted.
-EXPECTED_STATUS = {"V1": 200, "V2": 200, "V3": 501, "V4": 200, "V5": 200, "D1": 404, "D2": 200}
+EXPECTED_STATUS = {"V1": 200, "V2": 200, "V3": 200, "V4": 200, "V5": 200, "D1": 404, "D2": 200}
 
 
 def _error(response: httpx.Response) -> Answer:
@@ -391,10 +391,12 @@ class TestOrders:
         self, sandbox: SandboxAdmin, trader: KeyPair
     ) -> None:
         """Routes the sandbox does not simulate still verify signatures, then answer 501."""
-        ok = send_signed(sandbox.http, "GET", "/wapi/v1/history/fills", trader, query={"limit": 5})
+        ok = send_signed(
+            sandbox.http, "GET", "/wapi/v1/history/funding", trader, query={"limit": 5}
+        )
         assert (ok.status_code, _error(ok).code) == (501, "NOT_IMPLEMENTED")
         sandbox.revoke(trader.api_key)
-        refused = send_signed(sandbox.http, "GET", "/wapi/v1/history/fills", trader)
+        refused = send_signed(sandbox.http, "GET", "/wapi/v1/history/funding", trader)
         assert _error(refused) == UNKNOWN_KEY_ANSWER
 
 

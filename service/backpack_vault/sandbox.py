@@ -7,25 +7,33 @@ outside ``testing`` that may import it.
 from backpack_vault.testing.sandbox import (
     EXPIRED_ANSWER,
     INVALID_SIGNATURE_ANSWER,
+    MAINTENANCE_ANSWER,
     READ_ONLY_ANSWER,
+    SANDBOX_HEADER,
     UNKNOWN_KEY_ANSWER,
     Answer,
     Faults,
+    Fixture,
     SandboxAdmin,
     SandboxState,
     create_app,
+    load_fixture,
     serve,
 )
 
 __all__ = [
     "EXPIRED_ANSWER",
     "INVALID_SIGNATURE_ANSWER",
+    "MAINTENANCE_ANSWER",
     "READ_ONLY_ANSWER",
+    "SANDBOX_HEADER",
     "UNKNOWN_KEY_ANSWER",
     "Answer",
     "Faults",
+    "Fixture",
     "SandboxAdmin",
     "SandboxState",
     "create_app",
+    "load_fixture",
     "serve",
 ]
