@@ -62,6 +62,7 @@ from backpack_vault.errors import (
 )
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import NO_KEY, Metrics
+from backpack_vault.ui import Activity, ui_routes
 
 __all__ = ["Readiness", "ReportCallback", "WatchSource", "create_app", "error_response"]
 
@@ -231,9 +232,11 @@ class _Api:
         report_interval_s: float,
         clock: Callable[[], float],
         watch: WatchSource | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self.broker = broker
         self.watch = watch
+        self.activity = activity
         self.metrics = metrics
         self.readiness = readiness
         self.report = report
@@ -296,6 +299,14 @@ class _Api:
             self.metrics.observe_signature(label, shown, outcome)
         elif route == "report":
             self.metrics.observe_report(label, outcome)
+        if self.activity is not None and route in ("copy", "sign"):
+            self.activity.record(
+                self.broker.identity(token),
+                "copy" if route == "copy" else "sign",
+                label,
+                ok=outcome == "ok",
+                now=time.time(),
+            )
         log.info(
             "api.handout" if route in ("copy", "sign") else f"api.{route}",
             action=route,
@@ -441,6 +452,8 @@ def create_app(
     report_interval_s: float = 10.0,
     clock: Callable[[], float] = time.monotonic,
     watch: WatchSource | None = None,
+    ui: Starlette | None = None,
+    activity: Activity | None = None,
 ) -> Starlette:
     """The worker API. ``report`` runs (in the thread pool) when a worker reports a rejection."""
     api = _Api(
@@ -451,6 +464,7 @@ def create_app(
         report_interval_s=report_interval_s,
         clock=clock,
         watch=watch,
+        activity=activity,
     )
     metrics.track_outstanding(lambda: broker.outstanding)
     keys = "/v1/keys/{sub}/{name}"
@@ -464,6 +478,7 @@ def create_app(
             Route("/healthz", api.get_healthz, methods=["GET"]),
             Route("/readyz", api.get_readyz, methods=["GET"]),
             Route("/metrics", api.get_metrics, methods=["GET"]),
+            *(ui_routes(ui) if ui is not None else ()),
         ],
         exception_handlers={HTTPException: _http_error},
     )

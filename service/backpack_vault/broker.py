@@ -460,6 +460,10 @@ class _Copies:
         with self._lock:
             return self._ledger.count(ref)
 
+    def unclaimed_by_key(self) -> dict[KeyRef, int]:
+        with self._lock:
+            return {ref: self._ledger.count(ref) for ref in self._ledger.keys()}  # noqa: SIM118
+
     def clear_spares(self) -> None:
         with self._lock:
             self._spares.clear()
@@ -807,6 +811,10 @@ class Broker:
     def outstanding(self) -> int:
         """Copies handed out whose wrapping tokens have not expired (claimed or not)."""
         return self._copies.unclaimed()
+
+    def outstanding_by_key(self) -> dict[KeyRef, int]:
+        """Unexpired copies per key (for the operator page)."""
+        return self._copies.unclaimed_by_key()
 
     def clear(self) -> None:
         """Drop every cached secret, spare and decision."""
