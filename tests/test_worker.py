@@ -2,12 +2,14 @@
 
 The daemon runs in-thread against the session's OpenBao dev server and serves
 real loopback HTTP; Backpack is a small fake behind ``httpx.MockTransport`` that
-verifies every signature exactly as the exchange does.
+verifies every signature exactly as the exchange does, or, where a verdict
+matters, the sandbox exchange on loopback checked by the daemon itself.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ from backpack_vault.errors import (
     UnknownKey,
     UpstreamError,
 )
-from backpack_vault.testing import NOW, FakeClock, store_key
+from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
+from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Provisioner, Vault
 
 
@@ -83,15 +86,21 @@ class Env:
     reports: list[tuple[str, str]]
     broker_calls: list[str]
     http: httpx.Client
+    clients: list[BrokerClient] = field(default_factory=list)
 
     def client(self, token: Secret | None = None, **kwargs: Any) -> BrokerClient:
-        return BrokerClient(
+        client = BrokerClient(
             self.url,
             vault_addr=self.vault_addr,
             token=token or self.root,
             http=self.http,
             **kwargs,
         )
+        self.clients.append(client)  # closed at the end: their watcher threads end
+        return client
+
+    def calls(self, suffix: str, key: str = "main/bot-a") -> int:
+        return self.broker_calls.count(f"/v1/keys/{key}{suffix}")
 
 
 @pytest.fixture
@@ -104,6 +113,7 @@ def env(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> Ite
         vault=vault,
         report=lambda ref, reason: reports.append((str(ref), reason)),
         report_interval_s=0.01,
+        feed_interval_s=0.05,
     )
 
     def count(request: httpx.Request) -> None:
@@ -114,9 +124,12 @@ def env(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> Ite
         ServerThread(daemon.app) as server,
         httpx.Client(event_hooks={"request": [count]}) as http,
     ):
-        yield Env(
+        env = Env(
             server.url, dev_vault.addr, dev_vault.root_token, vault, daemon, reports, calls, http
         )
+        yield env
+        for client in env.clients:
+            client.close()
 
 
 @pytest.fixture
@@ -185,7 +198,8 @@ class TestAuth:
     ) -> None:
         """A 401 from Backpack reaches the daemon's report hook; repeats are not re-sent."""
         exchange = FakeBackpack(revoked={pair.api_key})
-        auth = env.client().auth("main/bot-a", mode=mode)  # type: ignore[arg-type]
+        # This daemon only records reports: no verdict comes, so the wait for one is short.
+        auth = env.client().auth("main/bot-a", mode=mode, confirm_s=0.2)  # type: ignore[arg-type]
         with httpx.Client(transport=httpx.MockTransport(exchange), auth=auth) as backpack:
             first = backpack.get("https://api.backpack.exchange/api/v1/account")
             backpack.get("https://api.backpack.exchange/api/v1/account")
@@ -350,3 +364,129 @@ class TestRejections:
     ) -> None:
         """Clock, order and rate-limit errors are not reported as a rejected key."""
         assert is_rejection(httpx.Response(status, json=body)) is expected
+
+
+BACKPACK = "https://api.backpack.exchange"
+
+
+class TestWatching:
+    @pytest.mark.parametrize(
+        ("status", "error"),
+        [(Status.RETIRED, KeyRetired), (Status.REVOKED, KeyRevoked)],
+        ids=["retired", "revoked"],
+    )
+    def test_copy_mode_drops_its_copy_when_the_key_is_cut_off(
+        self, env: Env, vault: Vault, pair: KeyPair, status: Status, error: type[KeyNotUsable]
+    ) -> None:
+        """The watch tells the auth; the next request raises without asking anyone."""
+        exchange = FakeBackpack()
+        auth = env.client().auth("main/bot-a")
+        with httpx.Client(transport=httpx.MockTransport(exchange), auth=auth) as backpack:
+            assert backpack.get(f"{BACKPACK}/api/v1/capital").status_code == 200
+            wait_until(lambda: auth.watching, 10, "the watch connects")
+            vault.set_status(KeyRef("main", "bot-a"), status, now=NOW)  # keys retire / revoke
+            wait_until(lambda: auth.unusable == status.value, 10, "the watch tells the auth")
+            for _ in range(2):
+                with pytest.raises(error):
+                    backpack.get(f"{BACKPACK}/api/v1/capital")
+        assert len(exchange.accepted) == 1
+        assert env.calls("/copy") == 1  # never a fresh copy of a cut-off key
+        assert pair.secret.reveal() not in repr(auth.__dict__)
+
+    @pytest.mark.usefixtures("pair")
+    def test_a_reinstated_key_is_usable_again(self, env: Env, vault: Vault) -> None:
+        """revoked -> active (keys reinstate): the watch lifts the mark."""
+        ref = KeyRef("main", "bot-a")
+        auth = env.client().auth(ref)
+        with httpx.Client(transport=httpx.MockTransport(FakeBackpack()), auth=auth) as backpack:
+            backpack.get(f"{BACKPACK}/api/v1/capital")
+            wait_until(lambda: auth.watching, 10)
+            vault.set_status(ref, Status.REVOKED, now=NOW)
+            wait_until(lambda: auth.unusable == "revoked", 10)
+            vault.set_status(ref, Status.ACTIVE, now=NOW, reason="reinstated")
+            wait_until(lambda: auth.unusable is None, 10)
+            assert backpack.get(f"{BACKPACK}/api/v1/capital").status_code == 200
+        assert env.calls("/copy") == 2
+
+    @pytest.mark.usefixtures("pair")
+    def test_sign_mode_is_refused_once_the_daemon_learns_of_a_retire(
+        self, env: Env, vault: Vault
+    ) -> None:
+        """The daemon refuses signatures of a retired key (409): the client raises KeyRetired."""
+        ref = KeyRef("main", "bot-a")
+        client = env.client()
+        client.sign(ref, "accountQuery")  # the daemon now holds the key in its cache
+        vault.set_status(ref, Status.RETIRED, now=NOW)
+
+        def refused() -> bool:
+            try:
+                client.sign(ref, "accountQuery")
+            except KeyRetired:
+                return True
+            return False
+
+        wait_until(refused, 10, "KeyRetired")
+
+    def test_close_ends_the_watcher_thread(self, env: Env, pair: KeyPair) -> None:
+        """BrokerClient.close() stops the watch of every auth it made."""
+        del pair
+        client = env.client()
+        auth = client.auth("main/bot-a")
+        auth.current_copy()
+        wait_until(lambda: auth.watching, 10)
+        threads = [t for t in threading.enumerate() if t.name == "backpack-vault-watch:main/bot-a"]
+        assert threads
+        client.close()
+        for thread in threads:
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+@pytest.fixture
+def checked(
+    vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault, sandbox: SandboxAdmin
+) -> Iterator[Env]:
+    """A daemon that checks reported keys against the sandbox, as `serve` does."""
+    calls: list[str] = []
+    checks = CheckSettings(backpack_url=sandbox.url)
+    daemon = Daemon(
+        Settings(vault=vault_settings, broker=BrokerSettings(), checks=checks),
+        vault=vault,
+        confirm_delay_s=0,
+        feed_interval_s=0.05,
+    )
+    with (
+        daemon,
+        ServerThread(daemon.app) as server,
+        httpx.Client(event_hooks={"request": [lambda r: calls.append(r.url.path)]}) as http,
+    ):
+        env = Env(server.url, dev_vault.addr, dev_vault.root_token, vault, daemon, [], calls, http)
+        yield env
+        for client in env.clients:
+            client.close()
+
+
+class TestRejectionInCopyMode:
+    def test_one_report_one_confirmation_then_key_revoked(
+        self, checked: Env, vault: Vault, sandbox: SandboxAdmin
+    ) -> None:
+        """Revoked at the exchange: the bot's request is reported once, the daemon's verdict
+        awaited once, and KeyRevoked raised; later requests raise without a round trip."""
+        ref = KeyRef("main", "bot-a")
+        pair = store_key(vault, ref, exchange=sandbox.url)
+        sandbox.register(pair.api_key)
+        auth = checked.client().auth(ref, confirm_s=15)  # generous: the verdict comes in < 1 s
+        with httpx.Client(base_url=sandbox.url, auth=auth) as bot:
+            assert bot.get("/api/v1/capital").status_code == 200
+            sandbox.revoke(pair.api_key)
+            with pytest.raises(KeyRevoked):
+                bot.get("/api/v1/capital")
+            with pytest.raises(KeyRevoked):
+                bot.get("/api/v1/capital")
+        assert sandbox.count("GET /api/v1/capital", pair.api_key) == 2
+        reports = checked.daemon.metrics.reports.labels(key=str(ref), outcome="ok")
+        assert reports._value.get() == 1
+        assert checked.calls("/report") == 1
+        assert checked.calls("/copy") == 1
+        assert checked.calls("") <= 1  # at most one info: the watch brought the verdict
+        assert vault.read_record(ref).status is Status.REVOKED

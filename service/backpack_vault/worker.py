@@ -13,6 +13,8 @@ from backpack_vault.client.broker import (
     KeyPending,
     KeyRetired,
     KeyRevoked,
+    Watch,
+    WatchEvent,
     is_rejection,
 )
 
@@ -26,5 +28,7 @@ __all__ = [
     "KeyPending",
     "KeyRetired",
     "KeyRevoked",
+    "Watch",
+    "WatchEvent",
     "is_rejection",
 ]

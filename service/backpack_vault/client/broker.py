@@ -9,11 +9,20 @@
 
 ``copy`` mode fetches a wrapped copy from the daemon, unwraps it at Vault
 directly (the daemon never sees the plain copy leave), signs locally and
-fetches a fresh copy at about two thirds of its lifetime. ``sign`` mode asks
-the daemon for the four headers of every request; the secret never reaches
-the bot. Either way a Backpack rejection is reported to the daemon, which
-checks the key at once. Its errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...)
-are in :mod:`backpack_vault.errors`.
+fetches a fresh copy at about two thirds of its lifetime. While it holds a copy
+it watches the key (:mod:`backpack_vault.client.watch`, a background thread):
+when the key is retired or revoked the copy is dropped at once and the next
+request raises KeyRetired or KeyRevoked; on a rotation the next request fetches
+the successor. ``sign`` mode asks the daemon for the four headers of every
+request; the secret never reaches the bot, and the daemon refuses a retired or
+revoked key (409: KeyRetired, KeyRevoked).
+
+A Backpack rejection is reported to the daemon, which checks the key at once. In
+copy mode the request then waits (at most ``confirm_s``, 3 s) for the daemon's
+verdict and raises KeyRevoked if the key was revoked; otherwise the answer is
+returned as it came, and the copy kept: never a loop of fresh copies and 401s.
+Errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...) are in
+:mod:`backpack_vault.errors`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import contextlib
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +44,7 @@ import httpx
 
 from backpack_vault.backpack.instructions import is_state_changing, lookup
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
+from backpack_vault.client.watch import FINAL_STATUSES, READ_TIMEOUT_S, Watch, WatchEvent
 from backpack_vault.config import Secret, read_secret_file
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.core.verdicts import is_key_rejection, parse_answer
@@ -64,11 +75,17 @@ __all__ = [
     "KeyPending",
     "KeyRetired",
     "KeyRevoked",
+    "Watch",
+    "WatchEvent",
     "is_rejection",
 ]
 
 REFRESH_FRACTION: Final = 2 / 3
 REPORT_EVERY_S: Final = 10.0
+CONFIRM_S: Final = 3.0  # after a report, how long a request waits for the daemon's verdict
+_INFO_EVERY_S: Final = 0.5  # while no watch is connected, how often info is asked meanwhile
+_REFUSED_RETRY_S: Final = 30.0  # the daemon refused the watch (401, 403): ask again this late
+_JOIN_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +186,15 @@ class BrokerClient:
         self._http = http or httpx.Client(timeout=timeout)
         self._owns_http = http is None
         self._clock = clock
+        self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
     def close(self) -> None:
+        """End every watch (and the watcher threads of this client's auths), then the client."""
+        for watch in list(self._watches):
+            watch.close()
+        for thread in list(self._threads):
+            thread.join(_JOIN_S)
         if self._owns_http:
             self._http.close()
 
@@ -188,14 +212,16 @@ class BrokerClient:
         # Read each time: Vault Agent rewrites the file when it renews or logs in again.
         return read_secret_file(self._token_file, "the token file")
 
+    def _url(self, key: KeyRef, suffix: str = "") -> str:
+        return f"{self.url}/v1/keys/{quote(key.subaccount)}/{quote(key.name)}{suffix}"
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Vault-Token": self._vault_token().reveal()}
+
     def _call(self, method: str, key: KeyRef, suffix: str, body: Any = None) -> Any:
-        path = f"/v1/keys/{quote(key.subaccount)}/{quote(key.name)}{suffix}"
         try:
             response = self._http.request(
-                method,
-                f"{self.url}{path}",
-                json=body,
-                headers={"X-Vault-Token": self._vault_token().reveal()},
+                method, self._url(key, suffix), json=body, headers=self._headers()
             )
         except httpx.HTTPError as exc:
             raise BrokerUnavailable(
@@ -285,17 +311,60 @@ class BrokerClient:
         """Tell the daemon Backpack rejected the key; it checks the key at once."""
         self._call("POST", _ref(key), "/report", {"reason": reason})
 
+    def watch(
+        self,
+        key: str | KeyRef,
+        *,
+        last_event_id: str | None = None,
+        read_timeout_s: float | None = None,
+    ) -> Watch:
+        """The key's status events as the daemon streams them; iterate it, ``close()`` it.
+
+        It reconnects by itself (``Last-Event-ID``: nothing the daemon's feed still
+        holds is missed) and raises AccessDenied or NotAuthenticated when refused.
+        ``read_timeout_s`` (default 45) is how long silence means a dead connection.
+        """
+        ref = _ref(key)
+        watch = Watch(
+            self._http,
+            self._url(ref, "/watch"),
+            self._headers,
+            error_for=lambda response: _error_from(response, str(ref)),
+            last_event_id=last_event_id,
+            read_timeout_s=READ_TIMEOUT_S if read_timeout_s is None else read_timeout_s,
+        )
+        self._watches.add(watch)
+        return watch
+
+    def _track(self, thread: threading.Thread) -> None:
+        self._threads.add(thread)
+
     def auth(
         self,
         key: str | KeyRef,
         mode: Literal["copy", "sign"] = "copy",
         *,
         window: int | None = None,
+        watch: bool = True,
+        confirm_s: float = CONFIRM_S,
     ) -> BrokerAuth:
-        """An ``httpx.Auth`` that signs every Backpack request with ``key``."""
+        """An ``httpx.Auth`` that signs every Backpack request with ``key``.
+
+        In copy mode it watches the key while it holds a copy (``watch=False``: it
+        does not), and after a reported rejection waits up to ``confirm_s`` for the
+        daemon's verdict.
+        """
         if mode not in ("copy", "sign"):
             raise ConfigError(f"mode must be 'copy' or 'sign', not {mode!r}")
-        return BrokerAuth(self, _ref(key), mode, window=window, clock=self._clock)
+        return BrokerAuth(
+            self,
+            _ref(key),
+            mode,
+            window=window,
+            clock=self._clock,
+            watch=watch,
+            confirm_s=confirm_s,
+        )
 
 
 def _params(request: httpx.Request) -> Params | None:
@@ -319,9 +388,13 @@ class BrokerAuth(httpx.Auth):
     It talks to the daemon with a blocking ``httpx.Client``, so with an
     ``httpx.AsyncClient`` each signature blocks the event loop for one round trip.
 
-    A rejected request is reported to the daemon (at most every ``REPORT_EVERY_S``
-    seconds) and, in copy mode, drops the copy so the next request fetches a new
-    one, which fails with KeyRevoked once the daemon confirms the revocation.
+    Copy mode: the key is watched while a copy is held; a ``retired`` or
+    ``revoked`` event drops the copy, and every request after it raises
+    KeyRetired or KeyRevoked without a round trip (a revoked key that is
+    reinstated becomes usable again). A rejection by Backpack is reported to the
+    daemon (at most every ``REPORT_EVERY_S`` seconds) and confirmed: the request
+    waits up to ``confirm_s`` for the daemon's verdict, by the watch or else by
+    asking ``info``, and raises KeyRevoked when the daemon revoked the key.
     """
 
     requires_response_body = True
@@ -334,19 +407,41 @@ class BrokerAuth(httpx.Auth):
         *,
         window: int | None = None,
         clock: Callable[[], float] = time.time,
+        watch: bool = True,
+        confirm_s: float = CONFIRM_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
         self.key = key
         self.mode = mode
         self.window = window
         self._clock = clock
+        self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._copy: Copy | None = None
+        self._unusable: str | None = None  # "revoked" or "retired", as the daemon said
         self._last_report = float("-inf")
+        self._watch_enabled = watch and mode == "copy"
+        self._confirm_s = confirm_s
+        self._watch: Watch | None = None
+
+    @property
+    def watching(self) -> bool:
+        """Whether the key's watch stream is connected now."""
+        return self._watch is not None and self._watch.connected
+
+    @property
+    def unusable(self) -> str | None:
+        """``"retired"`` or ``"revoked"`` once the daemon said so (watch or info), else None."""
+        with self._lock:
+            return self._unusable
 
     def current_copy(self) -> Copy:
         """The copy in use, fetched anew at two thirds of its lifetime."""
         with self._lock:
+            if self._unusable is not None:
+                raise not_usable(str(self.key), self._unusable)
             now = self._clock()
             if self._copy is None or self._copy.refresh_due(now):
                 try:
@@ -355,6 +450,7 @@ class BrokerAuth(httpx.Auth):
                     # Keep signing with the old copy while it is valid; the daemon may be back soon.
                     if self._copy is None or self._copy.expired(now):
                         raise
+            self._start_watching()
             return self._copy
 
     def headers_for(self, request: httpx.Request) -> Mapping[str, str]:
@@ -373,12 +469,52 @@ class BrokerAuth(httpx.Auth):
         if is_rejection(response):
             self._rejected(response)
 
+    def close(self) -> None:
+        """Stop watching the key (the watcher thread ends)."""
+        with self._lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    # -- the watch ------------------------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        """Under the lock: once a copy is held, watch the key in a daemon thread."""
+        if not self._watch_enabled or self._watch is not None:
+            return
+        watch = self.broker.watch(self.key)
+        self._watch = watch
+        thread = threading.Thread(
+            target=_follow,
+            args=(weakref.ref(self), watch),
+            name=f"backpack-vault-watch:{self.key}",
+            daemon=True,
+        )
+        weakref.finalize(self, watch.close)  # an auth nobody holds stops watching
+        self.broker._track(thread)  # noqa: SLF001 - the client that made this auth
+        thread.start()
+
+    def on_watch_event(self, event: WatchEvent) -> bool:
+        """Act on one event of the key's watch; False when there is nothing left to watch."""
+        status = event.status or ""
+        with self._lock:
+            if event.event in FINAL_STATUSES or status in FINAL_STATUSES:
+                self._copy = None
+                self._unusable = status if status in FINAL_STATUSES else event.event
+            elif event.event == "rotated":
+                self._copy = None  # the next request fetches the successor
+            elif status == "active" and self._unusable is not None:
+                self._unusable = None  # a revoked key was reinstated
+            self._changed.notify_all()
+            return self._unusable != "retired"  # retired is for good
+
+    # -- rejections -----------------------------------------------------------------------
+
     def _rejected(self, response: httpx.Response) -> None:
         with self._lock:
-            self._copy = None
             now = self._clock()
             if now - self._last_report < REPORT_EVERY_S:
-                return
+                return  # reported (and confirmed) moments ago: this answer goes back as is
             self._last_report = now
         try:
             body = response.json()
@@ -389,3 +525,69 @@ class BrokerAuth(httpx.Auth):
         # RateLimited: the daemon has heard it already; unavailable: it checks on schedule.
         with contextlib.suppress(RateLimited, BrokerUnavailable):
             self.broker.report(self.key, reason)
+        if self.mode != "copy":
+            return  # the daemon refuses the next signature once it has revoked the key
+        status = self._confirm()
+        if status is not None:
+            raise not_usable(str(self.key), status)
+
+    def _confirm(self) -> str | None:
+        """The daemon's verdict after a report: "revoked" or "retired", or None within
+        ``confirm_s`` (the key stays usable as far as the daemon knows)."""
+        deadline = self._monotonic() + self._confirm_s
+        asked = False
+        while True:
+            with self._lock:
+                if self._unusable is not None:
+                    return self._unusable
+            if not asked or not self.watching:
+                asked = True
+                status = self._ask_info()
+                if status is not None:
+                    return status
+            remaining = deadline - self._monotonic()
+            if remaining <= 0:
+                return None
+            with self._lock:
+                if self._unusable is None:
+                    wait = remaining if self.watching else min(remaining, _INFO_EVERY_S)
+                    self._changed.wait(wait)
+
+    def _ask_info(self) -> str | None:
+        """Ask the daemon; mark the key when it is final; drop a copy of an older version."""
+        try:
+            info = self.broker.info(self.key)
+        except ServiceError:
+            return None
+        status, version = str(info.get("status", "")), info.get("version")
+        with self._lock:
+            if status in FINAL_STATUSES:
+                self._copy = None
+                self._unusable = status
+                return status
+            if self._copy is not None and version is not None and version != self._copy.version:
+                self._copy = None  # a successor is stored under this name: fetch it next time
+        return None
+
+
+def _follow(auth_ref: weakref.ref[BrokerAuth], watch: Watch) -> None:
+    """The watcher thread: feed the auth its key's events until closed, retired or dropped.
+
+    It holds the auth only while handing over an event, so an auth nobody uses
+    any more is collected, which closes its watch and ends this thread.
+    """
+    try:
+        while not watch.closed:
+            try:
+                for event in watch:
+                    auth = auth_ref()
+                    if auth is None or not auth.on_watch_event(event):
+                        return
+                    del auth
+            except ServiceError:  # the daemon refused the watch: maybe a new token later
+                if watch.wait(_REFUSED_RETRY_S):
+                    return
+    except Exception:  # noqa: BLE001, S110 - a watcher thread must never die loudly in a bot
+        pass
+    finally:
+        watch.close()

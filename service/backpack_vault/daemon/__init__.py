@@ -4,10 +4,14 @@
 
     run()
       capture SIGTERM/SIGINT        the handler only sets a flag
-      session.login()               fail fast: a clear error, exit code from errors.py
-      scheduler.start()             token renewal, readiness, ledger sweep, leader lease,
-                                    key sync and one liveness check per key (leader only)
-      serve the worker API          until the flag is set; in-flight requests finish
+      serve the worker API          at once: /healthz 200, /readyz 503 until logged in
+      session.login_until()         Vault unreachable or refusing us: retried with backoff,
+                                    each attempt logged; SIGTERM meanwhile exits 0
+      scheduler.start()             change feed (every replica), token renewal, readiness,
+                                    ledger sweep, leader lease, key sync and one liveness
+                                    check per key (leader only)
+      serve                         until the flag is set
+      close watch streams, drain    in-flight requests finish; streams would never end
       stop the jobs, close clients  reverse order, via the ExitStack
     return 0
 
@@ -15,12 +19,15 @@ Who does what::
 
     jobs.py      when (apscheduler)       session.py   the daemon's own Vault token
     leader.py    lease, key sync, checks  serving.py   uvicorn, signals, draining
+    feed.py      the change feed, polled  ../watch.py  the watch streams it feeds
 
 Status changes travel as events on one bus, never as callbacks that call back::
 
     Checker (a verdict wrote a status)   --\\                 --> broker.on_event (caches, copies)
     Broker (a read saw a change)         ---> EventBus.emit  --> metrics.on_event (gauge, counter)
-    key_status_changed (CLI, tests)      --/                 --> webhook.on_event (check-caused)
+    FeedPoller (the CLI, other replicas) ---/                --> webhook.on_event (check-caused)
+    key_status_changed (tests)           --/
+    FeedPoller --the feed's entries, by seq--> Watchers --> GET .../watch streams
 
 A worker's report goes ``POST .../report`` -> ``Daemon.report`` -> a check on
 the reports pool.
@@ -46,15 +53,17 @@ from backpack_vault.checks import Checker, RequestBudget
 from backpack_vault.config import Settings
 from backpack_vault.core.keys import KeyRef, Status
 from backpack_vault.core.verdicts import CheckResult
-from backpack_vault.daemon.jobs import Intervals, Scheduler
+from backpack_vault.daemon.feed import DEFAULT_INTERVAL_S, FeedPoller
+from backpack_vault.daemon.jobs import FREQUENT, Intervals, Scheduler
 from backpack_vault.daemon.leader import Leadership, Lease
 from backpack_vault.daemon.serving import ServerThread, capture_signals
-from backpack_vault.daemon.session import Session
+from backpack_vault.daemon.session import LOGIN_BACKOFF_S, Session
 from backpack_vault.errors import ServiceError
 from backpack_vault.events import Cause, CopiesRevoked, Event, EventBus, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import Metrics
 from backpack_vault.vault.client import Vault
+from backpack_vault.watch import DEFAULT_HEARTBEAT_S, Watchers
 
 __all__ = ["Daemon", "capture_signals"]
 
@@ -86,8 +95,15 @@ class Daemon:
         exchange_http: httpx.Client | None = None,
         key_sync_interval_s: float | None = None,
         confirm_delay_s: float = 1.0,
+        feed_interval_s: float = DEFAULT_INTERVAL_S,
+        watch_heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        login_backoff_s: tuple[float, float] = LOGIN_BACKOFF_S,
     ) -> None:
-        """``report`` replaces :meth:`report` as what the API calls (tests use it)."""
+        """``report`` replaces :meth:`report` as what the API calls (tests use it).
+
+        ``feed_interval_s`` is how often the change feed is polled: the bound on how
+        long an operator's retire or revoke takes to reach this replica.
+        """
         self.settings = settings
         self.vault = vault or Vault.for_service(settings.vault, clock=clock)
         self._owns_vault = vault is None
@@ -101,7 +117,17 @@ class Daemon:
             emit=self.events.emit,
         )
         self.scheduler = Scheduler(check_workers=settings.checks.concurrency)
-        self.session = Session(self.vault, self.metrics, auth=settings.vault.auth, clock=clock)
+        self.session = Session(
+            self.vault,
+            self.metrics,
+            auth=settings.vault.auth,
+            clock=clock,
+            backoff_s=login_backoff_s,
+        )
+        self.watchers = Watchers(self.vault, heartbeat_s=watch_heartbeat_s)
+        self.feed = FeedPoller(
+            self.vault, emit=self.events.emit, notify=self.watchers.publish, recheck=self.recheck
+        )
         self._wire_checks(clock, exchange_http, confirm_delay_s)
         self._subscribe()
         self.app = create_app(
@@ -110,12 +136,14 @@ class Daemon:
             metrics=self.metrics,
             report=report or self.report,
             report_interval_s=report_interval_s,
+            watch=self.watchers,
         )
         self._intervals = Intervals.of(
             settings.checks,
             renew_s=renew_interval_s,
             health_s=health_interval_s,
             sweep_s=sweep_interval_s,
+            feed_s=feed_interval_s,
             sync_s=key_sync_interval_s,
         )
         self._graceful_s = graceful_s
@@ -171,14 +199,21 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; in-flight requests finish; return the exit code."""
+        """Serve until SIGTERM or SIGINT; in-flight requests finish; return the exit code.
+
+        Vault need not be up: the API answers /healthz at once and /readyz 503 while
+        the daemon logs in with backoff. Only a ConfigError ends it early.
+        """
         with ExitStack() as stack:
             stack.enter_context(capture_signals(self.request_exit))  # handlers only set a flag
             stack.callback(self.close)  # last: clients, caches, our Vault session
-            self.session.login()  # fail fast: a clear error and its exit code
+            stack.callback(self.stop_jobs)  # after serving has drained; nothing if not started
+            server = self.start_serving()
+            stack.callback(self.stop_serving, server)  # first: close watch streams, drain
+            if not self.session.login_until(lambda: self.exit_requested):
+                return 0  # asked to stop while waiting for Vault
             self.start_jobs()
-            stack.callback(self.stop_jobs)  # reverse order: after serving has drained
-            self.serve_until_exit()  # SIGTERM drains in-flight requests
+            server.serve_until(lambda: self.exit_requested)
         return 0
 
     def request_exit(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -194,9 +229,11 @@ class Daemon:
         return self
 
     def start_jobs(self) -> None:
-        """The first health check, then the scheduler: what runs (callables) and how often."""
+        """The first health check and feed poll, then the scheduler: what runs and how often."""
         self.session.refresh_health()
+        self.feed.poll()  # its seq, before any watch stream reads its own
         every, i = self.scheduler.add_job, self._intervals
+        every(self.feed.poll, seconds=i.feed_s, job_id="feed.poll", executor=FREQUENT)
         every(self.session.renew_token, seconds=i.renew_s, job_id="vault.renew")
         every(self.session.refresh_health, seconds=i.health_s, job_id="vault.health")
         every(self.sweep, seconds=i.sweep_s, job_id="broker.sweep")
@@ -206,13 +243,17 @@ class Daemon:
         self._started = True
         log.info("daemon.started", listen=self.settings.listen)
 
-    def serve_until_exit(self) -> None:
-        """Serve the API on ``settings.listen`` until ``exit_requested``; then drain."""
+    def start_serving(self) -> ServerThread:
+        """Serve the API on ``settings.listen`` (ConfigError when the port cannot be bound)."""
         host, port = self.settings.listen_host_port
         server = ServerThread(self.app, host, port, graceful_s=self._graceful_s).start()
         log.info("daemon.serving", url=server.url)
-        server.serve_until(lambda: self.exit_requested)
+        return server
+
+    def stop_serving(self, server: ServerThread) -> None:
+        """End the watch streams (they never end by themselves), then drain the requests."""
         log.info("daemon.draining", graceful_s=self._graceful_s)
+        self.watchers.close()
         server.stop(hurry=lambda: self._signals > 1)  # a second signal: stop waiting
 
     def stop_jobs(self) -> None:
@@ -233,6 +274,7 @@ class Daemon:
         log.info("daemon.stopped")
 
     def stop(self) -> None:
+        self.watchers.close()
         self.stop_jobs()
         self.close()
 
@@ -284,6 +326,17 @@ class Daemon:
         except ServiceError as exc:
             log.warning("broker.sweep_failed", error=exc.code)
 
+    def recheck(self) -> None:
+        """The feed lost entries this replica never read: re-read every key it holds.
+
+        Cached keys are dropped (the next request reads Vault and sees their status),
+        keys with unclaimed copies are read now, and every watch stream is sent its
+        key's status again.
+        """
+        self.broker.clear()
+        self.sweep()
+        self.watchers.resync()
+
     def record_verdict(self, ref: KeyRef, verdict: str, reason: str = "") -> None:
         self.metrics.record_check(str(ref), verdict, reason)
 
@@ -295,7 +348,8 @@ class Daemon:
     def lease(self) -> Lease:
         return self.leadership.lease
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Whether the daemon is ready, and what is missing (Session.readiness)."""
         return self.session.readiness()
 
     def login(self) -> None:

@@ -522,6 +522,13 @@ class Vault:
         data = body.get("data", body)
         return {p: frozenset(data.get(p) or ()) for p in paths}
 
+    def own_capabilities(self, paths: Sequence[str]) -> dict[str, frozenset[str]]:
+        """What this client's own token may do on each path (sys/capabilities-self)."""
+        with self._at("capabilities-self", "sys/capabilities-self"):
+            body = self._client.sys.get_capabilities(paths=list(paths))
+        data = body.get("data", body)
+        return {p: frozenset(data.get(p) or ()) for p in paths}
+
     def lookup_caller(self, token: Secret) -> TokenInfo:
         client = self._new_client(token)
         with self._at("lookup-self", "auth/token/lookup-self", caller_token=True):

@@ -1,0 +1,204 @@
+"""A key's status changes, as the daemon streams them (``GET /v1/keys/SUB/NAME/watch``).
+
+::
+
+    with broker.watch("scalper/bot-a") as watch:
+        for event in watch:            # blocks; reconnects by itself
+            if event.final:            # "retired" or "revoked" (a status frame or a change)
+                ...
+
+The stream is server-sent events: a ``status`` event first (the key's status now),
+then one event per change (``retired``, ``revoked``, ``active``, ``rotated``, ...)
+and a ``heartbeat`` when nothing happens. After a disconnect (the daemon
+restarted, the network failed, no heartbeat within ``read_timeout_s``) the watch
+connects again with backoff, sending ``Last-Event-ID``, so the daemon replays what
+was missed. A refusal (401, 403, or 404 from a daemon without the route) is
+raised; :meth:`Watch.close` ends it from any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Final, Self
+
+import httpx
+
+from backpack_vault.errors import CallerError, NotFound, ServiceError
+
+__all__ = ["FINAL_STATUSES", "READ_TIMEOUT_S", "Watch", "WatchEvent", "parse_sse"]
+
+FINAL_STATUSES: Final = frozenset({"revoked", "retired"})
+BACKOFF_S: Final = (0.2, 5.0)  # the first wait before reconnecting, and the cap
+READ_TIMEOUT_S: Final = 45.0  # three of the daemon's default heartbeats
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One server-sent event: its name, its JSON data and its id (the daemon's feed seq)."""
+
+    event: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+    @property
+    def status(self) -> str | None:
+        """The key's status this event reports (None for a heartbeat)."""
+        status = self.data.get("status")
+        return status if isinstance(status, str) else None
+
+    @property
+    def final(self) -> bool:
+        """Whether the key is revoked or retired now: never handed out again by itself."""
+        return self.status in FINAL_STATUSES
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[WatchEvent]:
+    """Server-sent events from lines of text (comments and ``retry:`` are skipped)."""
+    event, event_id = "", None
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data or event:
+                yield _event(event or "message", data, event_id)
+            event, data, event_id = "", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+
+
+def _event(name: str, data: list[str], event_id: str | None) -> WatchEvent:
+    try:
+        parsed = json.loads("\n".join(data)) if data else {}
+    except ValueError:
+        parsed = {}
+    return WatchEvent(name, parsed if isinstance(parsed, dict) else {}, event_id)
+
+
+class Watch:
+    """Iterate for the events of one key; thread-safe ``close``; resumes after a disconnect."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        url: str,
+        headers: Callable[[], Mapping[str, str]],
+        *,
+        error_for: Callable[[httpx.Response], ServiceError],
+        last_event_id: str | None = None,
+        backoff_s: tuple[float, float] = BACKOFF_S,
+        read_timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
+        """``headers`` is asked before each connection (a token file may have changed);
+        ``error_for`` turns a refusal into our error."""
+        self._http = http
+        self.url = url
+        self._headers = headers
+        self._error_for = error_for
+        self.last_event_id = last_event_id
+        self._backoff_s = backoff_s
+        self._timeout = httpx.Timeout(10.0, read=read_timeout_s)
+        self._closed = threading.Event()
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._response: httpx.Response | None = None
+        self.connections = 0  # how many times a stream was opened
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a stream is open now (its first frame arrived)."""
+        return self._connected.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True at once when the watch is closed meanwhile."""
+        return self._closed.wait(seconds)
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        first, cap = self._backoff_s
+        delay = first
+        while not self.closed:
+            try:
+                with contextlib.closing(self._once()) as events:
+                    for event in events:
+                        delay = first  # the stream works: a later disconnect starts over
+                        yield event
+            except httpx.TransportError:
+                pass  # refused, reset, or silent past read_timeout_s: connect again
+            except RuntimeError:  # the httpx client was closed: nothing more to watch
+                self.close()
+            finally:
+                self._connected.clear()
+            if self._closed.wait(delay):
+                return
+            delay = min(delay * 2, cap)
+
+    def _once(self) -> Generator[WatchEvent, None, None]:
+        """One connection: its events, until it ends; a refusal is raised."""
+        headers = {"Accept": "text/event-stream", **self._headers()}
+        if self.last_event_id is not None:
+            headers["Last-Event-ID"] = self.last_event_id
+        with self._http.stream("GET", self.url, headers=headers, timeout=self._timeout) as answer:
+            if answer.status_code != HTTPStatus.OK:
+                answer.read()
+                error = self._error_for(answer)
+                if isinstance(error, CallerError):
+                    raise error
+                if answer.status_code == HTTPStatus.NOT_FOUND:  # a daemon without the route
+                    raise NotFound(f"the daemon serves no watch stream at {self.url}")
+                return  # the daemon cannot answer now (503, ...): connect again later
+            with self._lock:
+                if self.closed:
+                    return
+                self._response = answer
+                self.connections += 1
+            try:
+                for event in parse_sse(answer.iter_lines()):
+                    if self.closed:
+                        return
+                    if event.id is not None:
+                        self.last_event_id = event.id
+                    self._connected.set()
+                    yield event
+            finally:
+                with self._lock:
+                    self._response = None
+
+    def close(self) -> None:
+        """End the watch: the iteration returns, even from a read blocked in another thread."""
+        self._closed.set()
+        with self._lock:
+            response = self._response
+        if response is not None:
+            _shutdown(response)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _shutdown(response: httpx.Response) -> None:
+    """Wake a read blocked on this response's socket (closing it would not)."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
