@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -19,8 +23,10 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from backpack_vault.config import load
-from backpack_vault.daemon.serving import ReloadableTLS, ServerThread
+from backpack_vault.daemon.serving import ReloadableTLS, ServerThread, free_port
+from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ConfigError
+from backpack_vault.testing import wait_until
 
 
 def _pair(directory: Path, name: str, serial: int) -> tuple[Path, Path]:
@@ -126,3 +132,54 @@ class TestTLS:
             load({"BACKPACK_VAULT_TLS_CERT": "/x.crt"})
         settings = load({"BACKPACK_VAULT_TLS_CERT": "/x.crt", "BACKPACK_VAULT_TLS_KEY": "/x.key"})
         assert (settings.tls_cert, settings.tls_key) == ("/x.crt", "/x.key")
+
+
+class TestDaemonTLS:
+    def test_serve_answers_https_and_reloads_on_sighup(
+        self, tmp_path: Path, dev_vault: DevVault, kv_prefix: str
+    ) -> None:
+        """`serve` with BACKPACK_VAULT_TLS_CERT/KEY answers HTTPS; SIGHUP swaps the pair."""
+        one_cert, one_key = _pair(tmp_path, "one", 1)
+        two_cert, two_key = _pair(tmp_path, "two", 2)
+        cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+        cert.write_bytes(one_cert.read_bytes())
+        key.write_bytes(one_key.read_bytes())
+        port = free_port()
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BACKPACK_VAULT_"))
+        } | {
+            "VAULT_ADDR": dev_vault.addr,
+            "VAULT_TOKEN": dev_vault.root_token.reveal(),
+            "BACKPACK_VAULT_LISTEN": f"127.0.0.1:{port}",
+            "BACKPACK_VAULT_KV_PREFIX": kv_prefix,
+            "BACKPACK_VAULT_TLS_CERT": str(cert),
+            "BACKPACK_VAULT_TLS_KEY": str(key),
+            "BACKPACK_VAULT_BACKPACK_URL": "http://127.0.0.1:9",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backpack_vault", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"https://127.0.0.1:{port}/healthz"
+        try:
+
+            def answers(trust: Path) -> bool:
+                try:
+                    return httpx.get(url, verify=_trust(trust)).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(lambda: answers(one_cert), 30, "the daemon answers HTTPS")
+            cert.write_bytes(two_cert.read_bytes())
+            key.write_bytes(two_key.read_bytes())
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: _served_serial(port) == 2, 10, "the new certificate is served")
+            assert answers(two_cert)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

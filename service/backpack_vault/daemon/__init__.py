@@ -56,12 +56,19 @@ from backpack_vault.core.verdicts import CheckResult
 from backpack_vault.daemon.feed import DEFAULT_INTERVAL_S, FeedPoller
 from backpack_vault.daemon.jobs import FREQUENT, Intervals, Scheduler
 from backpack_vault.daemon.leader import Leadership, Lease
-from backpack_vault.daemon.serving import ServerThread, capture_signals
+from backpack_vault.daemon.serving import (
+    ReloadableTLS,
+    ServerThread,
+    capture_signals,
+    on_reload_signal,
+)
 from backpack_vault.daemon.session import LOGIN_BACKOFF_S, Session
 from backpack_vault.errors import ServiceError
 from backpack_vault.events import Cause, CopiesRevoked, Event, EventBus, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import Metrics
+from backpack_vault.ui import create_ui
+from backpack_vault.ui.source import Activity, DaemonSource
 from backpack_vault.vault.client import Vault
 from backpack_vault.watch import DEFAULT_HEARTBEAT_S, Watchers
 
@@ -130,6 +137,12 @@ class Daemon:
         )
         self._wire_checks(clock, exchange_http, confirm_delay_s)
         self._subscribe()
+        self.activity = Activity()
+        self.tls = (
+            ReloadableTLS(settings.tls_cert, settings.tls_key)
+            if settings.tls_cert and settings.tls_key
+            else None
+        )
         self.app = create_app(
             self.broker,
             readiness=self.session.readiness,
@@ -137,6 +150,8 @@ class Daemon:
             report=report or self.report,
             report_interval_s=report_interval_s,
             watch=self.watchers,
+            ui=create_ui(self._ui_source(), secure_cookies=self.tls is not None),
+            activity=self.activity,
         )
         self._intervals = Intervals.of(
             settings.checks,
@@ -149,6 +164,7 @@ class Daemon:
         self._graceful_s = graceful_s
         self._tally = _Tally()
         self.exit_requested = False
+        self._reload_requested = False
         self._signals = 0
         self._started = False
 
@@ -188,6 +204,18 @@ class Daemon:
             alert=self.webhook.check_alert if self.webhook else None,
         )
 
+    def _ui_source(self) -> DaemonSource:
+        leadership = self.leadership
+        return DaemonSource(
+            self.vault,
+            kv_mount=self.settings.vault.kv_mount,
+            kv_prefix=self.settings.vault.kv_prefix,
+            activity=self.activity,
+            outstanding=self.broker.outstanding_by_key,
+            leader=lambda: leadership.lease.holder if leadership.held else None,
+            readiness=self.session.readiness,
+        )
+
     def _subscribe(self) -> None:
         """Listeners in order: copies are revoked before anyone is told."""
         self.events.subscribe(self.broker.on_event)
@@ -206,6 +234,7 @@ class Daemon:
         """
         with ExitStack() as stack:
             stack.enter_context(capture_signals(self.request_exit))  # handlers only set a flag
+            stack.enter_context(on_reload_signal(self.request_reload))  # SIGHUP: new TLS files
             stack.callback(self.close)  # last: clients, caches, our Vault session
             stack.callback(self.stop_jobs)  # after serving has drained; nothing if not started
             server = self.start_serving()
@@ -213,8 +242,30 @@ class Daemon:
             if not self.session.login_until(lambda: self.exit_requested):
                 return 0  # asked to stop while waiting for Vault
             self.start_jobs()
-            server.serve_until(lambda: self.exit_requested)
+            server.serve_until(self._serving_done)
         return 0
+
+    def request_reload(self, _signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """SIGHUP handler: only sets a flag; the serving loop reloads the TLS files."""
+        self._reload_requested = True
+
+    def _serving_done(self) -> bool:
+        if self._reload_requested:
+            self._reload_requested = False
+            self.reload_tls()
+        return self.exit_requested
+
+    def reload_tls(self) -> None:
+        """Load the certificate and key again; open connections keep the old ones."""
+        if self.tls is None:
+            log.info("daemon.reload_ignored", reason="no TLS configured")
+            return
+        try:
+            self.tls.reload()
+        except ServiceError as exc:
+            log.error("daemon.tls_reload_failed", error=exc.message)  # noqa: TRY400
+            return
+        log.info("daemon.tls_reloaded", cert=self.tls.cert_file)
 
     def request_exit(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         """Signal handler: only sets flags (serving polls them); a second one hurries."""
@@ -246,7 +297,9 @@ class Daemon:
     def start_serving(self) -> ServerThread:
         """Serve the API on ``settings.listen`` (ConfigError when the port cannot be bound)."""
         host, port = self.settings.listen_host_port
-        server = ServerThread(self.app, host, port, graceful_s=self._graceful_s).start()
+        server = ServerThread(
+            self.app, host, port, graceful_s=self._graceful_s, tls=self.tls
+        ).start()
         log.info("daemon.serving", url=server.url)
         return server
 

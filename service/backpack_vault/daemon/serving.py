@@ -35,6 +35,7 @@ __all__ = [
     "capture_signals",
     "free_port",
     "make_server",
+    "on_reload_signal",
 ]
 
 HANDLED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -84,6 +85,19 @@ class ReloadableTLS:
         # Check the new pair on a scratch context first: a bad pair must not be half-loaded.
         self._load(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
         self._load(self.context)
+
+
+@contextlib.contextmanager
+def on_reload_signal(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Route SIGHUP to ``handler`` (main thread only); restore the old handler on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
