@@ -222,7 +222,7 @@ def make_keys(count: int, per_subaccount: int) -> Keys:
     return Keys(refs, {ref: generate_pair() for ref in refs}, subaccounts)
 
 
-def store_keys(settings: VaultSettings, keys: Keys) -> None:
+def store_keys(settings: VaultSettings, keys: Keys, exchange: str) -> None:
     def client() -> Vault:
         vault = Vault(settings, session=pooled_session(2))
         vault.login()
@@ -240,6 +240,7 @@ def store_keys(settings: VaultSettings, keys: Keys) -> None:
             origin=Origin.BACKPACK_UI,
             created_at=STAMP,
             status_since=STAMP,
+            exchange=exchange,  # the keys belong to the sandbox the daemon checks
         )
         clients.get().create_key(record, pair.secret)
 
@@ -634,7 +635,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str]]:
             flush=True,
         )
         t = time.monotonic()
-        store_keys(settings, keys)
+        store_keys(settings, keys, sandbox_url)
         register_keys(sandbox_url, keys)
         print(f"setup: stored and registered in {time.monotonic() - t:.1f} s", flush=True)
 

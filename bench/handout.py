@@ -164,6 +164,7 @@ def main() -> int:
                 origin=Origin.BACKPACK_UI,
                 created_at=stored,
                 status_since=stored,
+                exchange=exchange.url,
             ),
             pair.secret,
         )

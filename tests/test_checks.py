@@ -91,7 +91,7 @@ def checker(vault: Vault, exchange: Exchange, changes: Changes) -> Checker:
 def registered(vault: Vault, sandbox: SandboxAdmin) -> tuple[KeyRef, KeyPair]:
     """An active key stored in Vault and registered at the sandbox."""
     ref, pair = KeyRef("main", "bot-a"), generate_pair()
-    store_key(vault, ref, pair=pair)
+    store_key(vault, ref, pair=pair, exchange=sandbox.url)
     sandbox.register(pair.api_key)
     return ref, pair
 
@@ -342,7 +342,14 @@ class TestChecker:
     ) -> None:
         """A generated key stays pending while Backpack refuses it, then turns active."""
         ref, pair = KeyRef("main", "fresh"), generate_pair()
-        store_key(vault, ref, pair=pair, status=Status.PENDING, origin=Origin.GENERATED)
+        store_key(
+            vault,
+            ref,
+            pair=pair,
+            status=Status.PENDING,
+            origin=Origin.GENERATED,
+            exchange=sandbox.url,
+        )
         before = metadata(vault_settings, ref)
         refused = checker.check(ref)
         assert (refused.verdict, refused.changed) == (Verdict.REJECTED, False)
@@ -378,7 +385,7 @@ class TestChecker:
     ) -> None:
         """A stored secret of another key is MISCONFIGURED, found without any request."""
         ref, pair, other = KeyRef("main", "mixed-up"), generate_pair(), generate_pair()
-        store_key(vault, ref, pair=KeyPair(pair.api_key, other.secret))
+        store_key(vault, ref, pair=KeyPair(pair.api_key, other.secret), exchange=sandbox.url)
         sandbox.register(pair.api_key)
         result = checker.check(ref)
         assert (result.verdict, result.reason, result.alert) == (
@@ -487,7 +494,7 @@ def keys(vault: Vault, sandbox: SandboxAdmin) -> list[tuple[KeyRef, KeyPair]]:
     made = []
     for i in range(3):
         ref, pair = KeyRef("main", f"bot-{i}"), generate_pair()
-        store_key(vault, ref, pair=pair)
+        store_key(vault, ref, pair=pair, exchange=sandbox.url)
         sandbox.register(pair.api_key)
         made.append((ref, pair))
     return made
@@ -502,13 +509,13 @@ class TestSweep:
         sandbox: SandboxAdmin,
         changes: Changes,
     ) -> None:
-        """Three keys all rejected at once look like a Backpack change: UNKNOWN(systemic)."""
+        """Three keys all rejected at once look like a Backpack change: UNKNOWN(systemic),
+        and the first of them alone alerts."""
         for _, pair in keys:
             sandbox.revoke(pair.api_key)
-        results = checker.check_many([ref for ref, _ in keys])
-        assert {(r.verdict, r.reason, r.alert) for r in results} == {
-            (Verdict.UNKNOWN, "systemic", True)
-        }
+        results = checker.check_many([ref for ref, _ in keys], concurrency=3)
+        assert {(r.verdict, r.reason) for r in results} == {(Verdict.UNKNOWN, "systemic")}
+        assert [r.alert for r in results] == [True, False, False]
         assert {vault.read_record(ref).status for ref, _ in keys} == {Status.ACTIVE}
         assert changes.seen == []
 
@@ -536,7 +543,7 @@ class TestSweep:
         keys: list[tuple[KeyRef, KeyPair]],
         sandbox: SandboxAdmin,
     ) -> None:
-        """Two keys, both rejected, are too few to call systemic."""
+        """Two keys rejected while a third (outside the sweep) is accepted: both revoked."""
         for _, pair in keys[:2]:
             sandbox.revoke(pair.api_key)
         results = checker.check_many([ref for ref, _ in keys[:2]])
@@ -578,22 +585,22 @@ class TestSingleCheckGuard:
         sandbox: SandboxAdmin,
         changes: Changes,
     ) -> None:
-        """A Backpack-side change (every key refused) is UNKNOWN(systemic) with an alert."""
+        """A Backpack-side change (every key refused) is UNKNOWN(systemic), one alert."""
         for ref, _ in keys:
             checker.check(ref)
         for _, pair in keys:
             sandbox.revoke(pair.api_key)
         results = [checker.check(ref) for ref, _ in keys]
-        assert {(r.verdict, r.reason, r.alert) for r in results} == {
-            (Verdict.UNKNOWN, "systemic", True)
-        }
+        assert {(r.verdict, r.reason) for r in results} == {(Verdict.UNKNOWN, "systemic")}
+        assert [r.alert for r in results] == [True, False, False]
+        assert checker.outage_since == results[0].checked_at
         assert {vault.read_record(ref).status for ref, _ in keys} == {Status.ACTIVE}
         assert changes.seen == []
 
     def test_a_lone_key_is_revoked_on_its_own_confirmed_rejection(
         self, checker: Checker, keys: list[tuple[KeyRef, KeyPair]], sandbox: SandboxAdmin
     ) -> None:
-        """With no other key accepted lately, the second probe is the confirmation."""
+        """With no other key accepted lately, active keys in Vault are the controls."""
         sandbox.revoke(keys[0][1].api_key)
         result = checker.check(keys[0][0])
         assert result.new_status is Status.REVOKED
@@ -612,7 +619,7 @@ class TestSharedMeasurement:
         refs = []
         for i in range(4):
             ref, pair = KeyRef(f"sub-{i % 2}", f"bot-{i}"), generate_pair()
-            store_key(vault, ref, pair=pair)
+            store_key(vault, ref, pair=pair, exchange=sandbox.url)
             sandbox.register(pair.api_key)
             refs.append(ref)
         results = checker.check_many(refs)
@@ -716,7 +723,7 @@ class TestFaultMatrix:
         refs = []
         for i in range(KEYS_PER_CASE):
             ref, pair = KeyRef(f"sub-{i % 3}", f"bot-{i}"), generate_pair()
-            store_key(vault, ref, pair=pair)
+            store_key(vault, ref, pair=pair, exchange=sandbox.url)
             sandbox.register(pair.api_key)
             refs.append(ref)
         url = f"http://127.0.0.1:{free_port()}" if case.refused else sandbox.url
@@ -860,10 +867,10 @@ class TestWebhook:
         )
         assert (alert["verdict"], alert["http_status"]) == ("REJECTED(key_rejected)", 401)
 
-    def test_the_name_keys_check_passes_posts_the_same_alert(
+    def test_the_older_name_posts_the_same_alert(
         self, receiver: tuple[Receiver, str], http: httpx.Client
     ) -> None:
-        """`keys check` hands Checker(on_change=webhook.key_status_changed): one alert."""
+        """``key_status_changed`` is ``on_event`` under its older name: one alert."""
         rx, url = receiver
         _webhook(http, url).key_status_changed(_status_change())
         assert [alert["new_status"] for alert in rx.received] == ["revoked"]

@@ -216,9 +216,9 @@ class TestRevocation:
     ) -> None:
         """Revoked in Vault within about one interval; unclaimed copies die; 409s; one alert."""
         receiver, hook_url = webhook
-        pair = store_key(vault, REF)
+        pair = store_key(vault, REF, exchange=sandbox.url)
         sandbox.register(pair.api_key)
-        kept = store_key(vault, KeyRef("main", "kept"))
+        kept = store_key(vault, KeyRef("main", "kept"), exchange=sandbox.url)
         sandbox.register(kept.api_key)
         root = dev_vault.root_token
         with running(make_settings(webhook_url=hook_url)) as served:
@@ -276,7 +276,9 @@ class TestKeySync:
         dev_vault: DevVault,
     ) -> None:
         """A generated key stays pending while Backpack refuses it and turns active after."""
-        pair = store_key(vault, REF, status=Status.PENDING, origin=Origin.GENERATED)
+        pair = store_key(
+            vault, REF, status=Status.PENDING, origin=Origin.GENERATED, exchange=sandbox.url
+        )
         with running(make_settings()) as served:
             wait_until(
                 lambda: served.verdicts()["REJECTED(key_rejected)"] >= 1,
@@ -302,7 +304,7 @@ class TestKeySync:
         with running(make_settings()) as served:
             wait_until(lambda: served.daemon.leader, LEASE_TTL, "leadership")
             assert served.job() is None
-            pair = store_key(vault, REF)
+            pair = store_key(vault, REF, exchange=sandbox.url)
             sandbox.register(pair.api_key)
             wait_until(lambda: served.job() is not None, KEY_SYNC + SLACK, "a check job")
             wait_until(
@@ -315,7 +317,7 @@ class TestKeySync:
     ) -> None:
         """A key retired or deleted in Vault gets no more probes; the others carry on."""
         refs = {name: KeyRef("main", name) for name in ("retired", "deleted", "kept")}
-        pairs = {name: store_key(vault, ref) for name, ref in refs.items()}
+        pairs = {name: store_key(vault, ref, exchange=sandbox.url) for name, ref in refs.items()}
         for pair in pairs.values():
             sandbox.register(pair.api_key)
 
@@ -360,7 +362,7 @@ class TestReports:
         sandbox: SandboxAdmin,
     ) -> None:
         """With checks five minutes apart, a report revokes a rejected key within seconds."""
-        pair = store_key(vault, REF)
+        pair = store_key(vault, REF, exchange=sandbox.url)
         sandbox.register(pair.api_key)
         worker = worker_token(vault, vault_settings)
         with running(make_settings(interval=300)) as served:
@@ -382,7 +384,7 @@ class TestReports:
         sandbox: SandboxAdmin,
     ) -> None:
         """Even with every check thread taken (a backlog, a slow exchange), a report is acted on."""
-        pair = store_key(vault, REF)
+        pair = store_key(vault, REF, exchange=sandbox.url)
         sandbox.register(pair.api_key)
         worker = worker_token(vault, vault_settings)
         settings = make_settings(interval=300)
@@ -433,7 +435,7 @@ class TestFaults:
         receiver, hook_url = webhook
         refs = [KeyRef("main", "bot-a"), KeyRef("scalper", "bot-b")]
         for ref in refs:
-            sandbox.register(store_key(vault, ref).api_key)
+            sandbox.register(store_key(vault, ref, exchange=sandbox.url).api_key)
         settings = make_settings(webhook_url=hook_url, exchange_timeout=0.3)
         with running(settings) as served:
             for fault_id, faults, label in FAULTS:
@@ -463,7 +465,7 @@ class TestLeadership:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """One leader; each key about once per interval; a crashed leader is replaced."""
-        pair = store_key(vault, REF)
+        pair = store_key(vault, REF, exchange=sandbox.url)
         sandbox.register(pair.api_key)
         settings = make_settings()
 
@@ -505,10 +507,11 @@ class TestLeadership:
         self,
         make_settings: Callable[..., Settings],
         vault: Vault,
+        sandbox: SandboxAdmin,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """Listing many keys takes time; a lease lost meanwhile leaves no check jobs behind."""
-        store_key(vault, REF)
+        store_key(vault, REF, exchange=sandbox.url)
         clock = FakeClock(time.time())
         daemon = Daemon(make_settings(), clock=clock)  # jobs driven by hand: not started
         rival = Lease(vault, "rival", ttl_s=LEASE_TTL, clock=clock)
@@ -546,8 +549,10 @@ class TestVaultWrites:
     ) -> None:
         """Several VALID checks of an active key, and refusals of a pending one, write nothing."""
         active, pending = REF, KeyRef("main", "not-yet")
-        sandbox.register(store_key(vault, active).api_key)
-        store_key(vault, pending, status=Status.PENDING, origin=Origin.GENERATED)
+        sandbox.register(store_key(vault, active, exchange=sandbox.url).api_key)
+        store_key(
+            vault, pending, status=Status.PENDING, origin=Origin.GENERATED, exchange=sandbox.url
+        )
         with running(make_settings()) as served:
             wait_until(
                 lambda: (
@@ -591,7 +596,7 @@ class TestCanary:
         logs = io.StringIO()
         configure("json", "debug", stream=logs)
         canary = generate_pair()
-        store_key(vault, REF, pair=canary)
+        store_key(vault, REF, pair=canary, exchange=sandbox.url)
         sandbox.register(canary.api_key)
         with running(make_settings(webhook_url=hook_url)) as served:
             wait_until(lambda: served.verdicts()["VALID"] >= 1, 2 * INTERVAL + SLACK, "a check")

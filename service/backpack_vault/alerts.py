@@ -3,7 +3,9 @@
 :meth:`Webhook.on_event` listens on the daemon's event bus and alerts on
 ``KeyStatusChanged`` events a check caused (a change made with the CLI is the
 operator's own doing); :meth:`Webhook.check_alert` covers results that need a
-human without changing a status (systemic, misconfigured).
+human without changing a status (systemic, misconfigured, unexpected answers).
+Such an alert says, in ``advice``, what the operator can do. A systemic verdict
+alerts once per outage: the checker marks only the first one (``checks.py``).
 
 Delivery is best effort with bounded retries (stamina): connection failures,
 timeouts, 429 and 5xx are retried; other answers are not. Nothing here ever
@@ -26,12 +28,39 @@ from backpack_vault.config import Secret
 from backpack_vault.core.verdicts import CheckResult
 from backpack_vault.events import Cause, Event, KeyStatusChanged
 
-__all__ = ["Webhook", "status_change_payload"]
+__all__ = ["ADVICE", "Webhook", "check_alert_payload", "status_change_payload"]
 
 log = structlog.get_logger()
 
 _RETRY_STATUSES: Final = frozenset({408, 425, 429})
 _HTTP_SERVER_ERROR: Final = 500
+
+_RE_ADD: Final = (
+    "The stored pair is unusable, so the key was not sent to Backpack and nothing was "
+    "changed. Store it again with `backpack-vault keys add SUB/NAME` and the secret shown "
+    "when the key was created (or create a new key in the Backpack web UI)."
+)
+# What an operator can do about a result that changed nothing, by its reason.
+ADVICE: Final[dict[str, str]] = {
+    "systemic": (
+        "Backpack rejected this key and every other active key tried alongside it, so the "
+        "change looks like Backpack's (an outage, or a change on its side), not the keys'. "
+        "Nothing was revoked automatically: the keys stay active and are checked again with "
+        "backoff until Backpack accepts them, and this is the only alert for this outage. "
+        "Check Backpack's status page and announcements. If the keys really were revoked or "
+        "deleted in the Backpack web UI, revoke each one here: "
+        "`backpack-vault keys revoke SUB/NAME --reason '...'` (a wrong one is undone with "
+        "`backpack-vault keys reinstate SUB/NAME`)."
+    ),
+    "secret_mismatch": _RE_ADD,
+    "secret_invalid": _RE_ADD,
+    "signature_invalid": _RE_ADD,
+    "unexpected_response": (
+        "Backpack answered the liveness probe in a way the verdict table does not know "
+        "(see http_status, code and message); nothing was changed. Check that the exchange "
+        "URL (BACKPACK_VAULT_BACKPACK_URL) is Backpack's REST API."
+    ),
+}
 
 
 class _Retryable(Exception):
@@ -116,23 +145,34 @@ class Webhook:
         if isinstance(event, KeyStatusChanged) and event.cause is Cause.CHECK:
             self.send(status_change_payload(event))
 
-    # The name cli.py's `keys check` passes to Checker(on_change=...); the same listener.
+    # The listener's older name, kept for callers that still use it.
     key_status_changed = on_event
 
     def check_alert(self, result: CheckResult) -> None:
         """Alert on a result that needs a human without changing a status (systemic, ...)."""
-        self.send(
-            {
-                "event": "check.alert",
-                "key": str(result.ref),
-                "verdict": result.label,
-                "reason": result.reason,
-                "http_status": result.http_status,
-                "code": result.code,
-                "message": result.message,
-                "at": result.checked_at,
-            }
+        self.send(check_alert_payload(result))
+
+
+def check_alert_payload(result: CheckResult) -> dict[str, Any]:
+    """The alert body for a result that changed nothing: public fields and what to do."""
+    summary = f"{result.ref}: {result.label}; nothing was changed"
+    if result.reason == "systemic":
+        summary = (
+            f"Backpack rejects every active key checked since {result.checked_at} "
+            f"(first: {result.ref}); nothing was revoked"
         )
+    return {
+        "event": "check.alert",
+        "key": str(result.ref),
+        "verdict": result.label,
+        "reason": result.reason,
+        "http_status": result.http_status,
+        "code": result.code,
+        "message": result.message,
+        "at": result.checked_at,
+        "summary": summary,
+        "advice": ADVICE.get(result.reason, ""),
+    }
 
 
 def status_change_payload(event: KeyStatusChanged) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from backpack_vault.errors import (
     KeyNotUsable,
     KeyRejected,
     ServiceError,
+    WriteConflict,
 )
 from backpack_vault.logging import configure as configure_logging
 from backpack_vault.vault.client import Vault
@@ -273,6 +274,17 @@ _VERDICT_EXIT = {
     "REJECTED": KeyRejected.exit_code,
     "MISCONFIGURED": InvalidInput.exit_code,
 }
+# A verdict from another exchange than the key's: shown, not written. The URL is wrong
+# for this key, which is the operator's to fix.
+_FOREIGN_EXIT = ConfigError.exit_code
+
+
+def _operator(vault: Vault) -> str:
+    """Who the caller is, as recorded with a status change: the Vault token's identity."""
+    info = vault.token_info or vault.lookup_self()
+    if info.display_name and info.entity_id:
+        return f"{info.display_name} ({info.entity_id})"
+    return info.identity
 
 
 @keys.command("check")
@@ -286,8 +298,9 @@ _VERDICT_EXIT = {
 def keys_check(ctx: Context, key: KeyRef, backpack_url: str | None, as_json: bool) -> None:
     """Run one signed liveness check now and print the verdict.
 
-    Exit 0 VALID, 11 UNKNOWN (Backpack unreachable, maintenance, rate limited, clock),
-    12 REJECTED (confirmed by a second probe: the key is now revoked), 3 MISCONFIGURED.
+    Exit 0 VALID, 11 UNKNOWN (Backpack unreachable, maintenance, rate limited, clock,
+    systemic), 12 REJECTED (confirmed: the key is now revoked), 3 MISCONFIGURED, 2 when
+    the URL is not the key's exchange (the verdict is shown, never written).
     """
     import httpx  # noqa: PLC0415 - fast start for the other commands
 
@@ -300,23 +313,126 @@ def keys_check(ctx: Context, key: KeyRef, backpack_url: str | None, as_json: boo
     with httpx.Client(timeout=httpx.Timeout(settings.checks.timeout)) as http:
         webhook = Webhook(http, url) if url else None  # a revocation found here alerts too
         exchange = Exchange(http, settings.checks.backpack_url, timeout_s=settings.checks.timeout)
-        checker = Checker(
-            ctx.vault(), exchange, on_change=webhook.key_status_changed if webhook else None
-        )
-        result = checker.check(key)
+        checker = Checker(ctx.vault(), exchange, emit=webhook.on_event if webhook else None)
+        checked = checker.examine(key)
+    result = checked.result
     if result.probes == 0 and result.old_status in ("revoked", "retired", "incomplete"):
+        if result.old_status == "revoked":
+            click.echo(f"if that was wrong: backpack-vault keys reinstate {key}", err=True)
         raise KeyNotUsable(str(key), str(result.old_status))
     if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
+        click.echo(json.dumps({**result.as_dict(), "not_written": checked.foreign}, indent=2))
     else:
         status = result.new_status or result.old_status or "-"
         change = f" (now {result.new_status})" if result.new_status else ""
         click.echo(f"{key}: {result.label}, status {status}{change}")
         if result.message:
             click.echo(f"  Backpack said: {result.message}", err=True)
-    code = _VERDICT_EXIT.get(result.verdict.value, 1)
+        if checked.foreign:
+            click.echo(f"  not written: {checked.foreign}", err=True)
+    code = _FOREIGN_EXIT if checked.foreign else _VERDICT_EXIT.get(result.verdict.value, 1)
     if code:
         sys.exit(code)
+
+
+@keys.command("revoke")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--reason", default="", help="Why: recorded with the change, with who and when.")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON output (the key's metadata).")
+@pass_ctx
+@handle_errors
+def keys_revoke(ctx: Context, key: KeyRef, reason: str, as_json: bool) -> None:
+    """Declare a key dead now: deleted in the web UI, or suspected leaked. No probe.
+
+    The effect is a confirmed REJECTED's: no copy or signature from now on, unclaimed
+    copies revoked, no more checks. Works on active and pending keys; a revoked key is
+    left as it is. A wrong revocation is undone with `keys reinstate`.
+    """
+    vault = ctx.vault()
+    current = vault.read_record(key)
+    record = current
+    if current.status is not Status.REVOKED:
+        record = vault.set_status(
+            key,
+            Status.REVOKED,
+            now=now_iso(),
+            expect=current.status,
+            reason=reason or "keys revoke",
+            actor=_operator(vault),
+        )
+    if as_json:
+        click.echo(json.dumps(record.as_public_dict(), indent=2))
+    elif current.status is Status.REVOKED:
+        by = f" by {record.status_by}" if record.status_by else ""
+        click.echo(f"{key} was already revoked (since {record.status_since}{by})")
+    else:
+        click.echo(f"{key} is revoked (was {current.status}): no copy or signature from now on")
+        click.echo(f"if that was wrong: backpack-vault keys reinstate {key}", err=True)
+
+
+@keys.command("reinstate")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--reason", default="", help="Why: recorded with the change, with who and when.")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON output.")
+@pass_ctx
+@handle_errors
+def keys_reinstate(ctx: Context, key: KeyRef, reason: str, as_json: bool) -> None:
+    """Make a revoked key active again, once its own exchange accepts it (one probe).
+
+    The probe goes to the exchange the key belongs to (`keys show`: exchange), not to
+    the configured URL. Only VALID changes anything. Exit 0 active again (or already
+    active), 12 still REJECTED, 11 UNKNOWN, 3 MISCONFIGURED, 2 the answer came from
+    another exchange (a sandbox posing as Backpack), 6 the key is not revoked.
+    """
+    import httpx  # noqa: PLC0415 - fast start for the other commands
+
+    from backpack_vault.backpack.rest import Exchange  # noqa: PLC0415
+    from backpack_vault.checks import Checker  # noqa: PLC0415
+
+    settings = ctx.settings()
+    vault = ctx.vault()
+    record = vault.read_record(key)
+    if record.status is Status.ACTIVE:
+        shown = {"key": str(key), "status": "active", "reinstated": False, "check": None}
+        if as_json:
+            click.echo(json.dumps({**shown, "not_written": ""}, indent=2))
+        else:
+            click.echo(f"{key} is already active")
+        return
+    if record.status is not Status.REVOKED:
+        raise WriteConflict(
+            str(key), f"only a revoked key can be reinstated, and it is {record.status}"
+        )
+    with httpx.Client(timeout=httpx.Timeout(settings.checks.timeout)) as http:
+        exchange = Exchange(http, record.exchange, timeout_s=settings.checks.timeout)
+        checked = Checker(vault, exchange).reinstate(
+            key,
+            reason=reason or f"keys reinstate: VALID at {record.exchange}",
+            actor=_operator(vault),
+        )
+    result = checked.result
+    reinstated = result.new_status is Status.ACTIVE
+    if as_json:
+        shown = {
+            "key": str(key),
+            "status": "active" if reinstated else "revoked",
+            "reinstated": reinstated,
+            "check": result.as_dict(),
+            "not_written": checked.foreign,
+        }
+        click.echo(json.dumps(shown, indent=2))
+    elif reinstated:
+        click.echo(f"{key} is active again: {record.exchange} accepted it")
+    else:
+        click.echo(f"{key}: {result.label}; still revoked")
+        if result.message:
+            click.echo(f"  Backpack said: {result.message}", err=True)
+        if checked.foreign:
+            click.echo(f"  not written: {checked.foreign}", err=True)
+    if checked.foreign:
+        sys.exit(_FOREIGN_EXIT)
+    if not reinstated:
+        sys.exit(_VERDICT_EXIT.get(result.verdict.value, 1) or ExchangeUnavailable.exit_code)
 
 
 # -- vault and policies -------------------------------------------------------------------

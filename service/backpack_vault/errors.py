@@ -221,7 +221,8 @@ class KeyNotUsable(CallerError):
     _WHY: ClassVar[dict[str, str]] = {
         "pending": "it is pending: Backpack has not yet accepted it (register the public key "
         "in the Backpack web UI, then wait for a check or run `keys check`)",
-        "revoked": "it was revoked: Backpack rejects it; create a new key in the web UI",
+        "revoked": "it was revoked: Backpack rejects it; create a new key in the web UI (if "
+        "the revocation was wrong: `backpack-vault keys reinstate`)",
         "retired": "it was retired by an operator",
         "incomplete": "its metadata is incomplete: an intake was interrupted; delete and re-add it",
     }

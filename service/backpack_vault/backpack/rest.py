@@ -23,7 +23,7 @@ import httpx
 import structlog
 
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Signer
-from backpack_vault.core.verdicts import ProbeResponse, parse_answer
+from backpack_vault.core.verdicts import SANDBOX_HEADER, ProbeResponse, parse_answer
 from backpack_vault.errors import ExchangeUnavailable
 
 __all__ = [
@@ -166,4 +166,5 @@ def _record(response: httpx.Response, elapsed_ms: float) -> ProbeResponse:
         response.text,
         retry_after=response.headers.get("retry-after"),
         elapsed_ms=elapsed_ms,
+        sandbox=response.headers.get(SANDBOX_HEADER, "").strip().lower() == "true",
     )

@@ -16,6 +16,7 @@ from typing import Final
 from backpack_vault.core.keys import KeyRef, Status
 
 __all__ = [
+    "SANDBOX_HEADER",
     "VERDICT_TABLE",
     "CheckResult",
     "ProbeResponse",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 MESSAGE_CHARS: Final = 200
+# The header every answer of the sandbox exchange carries; Backpack's own never do.
+SANDBOX_HEADER: Final = "X-Backpack-Sandbox"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class ProbeResponse:
     network_error: str = ""  # exception class name, e.g. "ConnectTimeout"
     retry_after_s: float | None = None
     elapsed_ms: float = 0.0
+    sandbox: bool = False  # the answer carried the sandbox's label (X-Backpack-Sandbox)
 
     @property
     def network_failure(self) -> bool:
@@ -58,6 +62,7 @@ def parse_answer(
     *,
     retry_after: str | None = None,
     elapsed_ms: float = 0.0,
+    sandbox: bool = False,
 ) -> ProbeResponse:
     """A Backpack answer (status and body text) as a :class:`ProbeResponse`; the one parser.
 
@@ -86,6 +91,7 @@ def parse_answer(
         is_object=isinstance(body, dict),
         retry_after_s=retry_after_s,
         elapsed_ms=elapsed_ms,
+        sandbox=sandbox,
     )
 
 

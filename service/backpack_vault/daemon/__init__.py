@@ -223,6 +223,7 @@ class Daemon:
         if self.webhook is not None:
             self.events.subscribe(self.webhook.on_event)
         self.events.subscribe(self._count_revoked)
+        self.events.subscribe(self.leadership.on_event)  # a reinstated key is checked again
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -4,12 +4,23 @@
 
     hold_lease()   job: acquire or renew the lease; on gaining it sync at once,
                    on losing it drop every check job
-    sync_keys()    job, leader only: one check job per pending or active key;
-                   keys added, retired or deleted in Vault are picked up without a restart
-    run_check()    the check job of one key: verdict -> metrics; a final key leaves the schedule
+    sync_keys()    job, leader only: one check job per pending or active key of the
+                   exchange the checks probe; keys added, retired or deleted in Vault are
+                   picked up without a restart, and final keys are read again once per
+                   interval (a revoked key may be reinstated)
+    on_event()     listener: a status written elsewhere (CLI, another replica) schedules
+                   or unschedules the key at once
+    run_check()    the check job of one key: verdict -> metrics; a final key leaves the
+                   schedule; a systemic or unconfirmed verdict is re-checked soon
 
-Every replica serves workers; only the leader probes Backpack. The lease is a
-KV document written with check-and-set, so two replicas never both hold it.
+Re-checks: a verdict the checker could not settle (``checks.UNRESOLVED``: systemic,
+unconfirmed rejection) brings a one-shot re-check of that key after 2 s, then 4, 8, ...
+until it resolves or the delay reaches the interval, from where the key's regular
+check carries on. A re-check runs on the pool of the check that asked for it, so a
+worker's report is followed up on the reports pool, on any replica.
+
+Every replica serves workers; only the leader probes Backpack on schedule. The
+lease is a KV document written with check-and-set, so two replicas never both hold it.
 """
 
 from __future__ import annotations
@@ -20,11 +31,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-from backpack_vault.checks import Checker
+from backpack_vault.checks import UNRESOLVED, Checker
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status
-from backpack_vault.core.verdicts import CheckResult
+from backpack_vault.core.verdicts import CheckResult, Verdict
 from backpack_vault.daemon.jobs import Scheduler
 from backpack_vault.errors import ServiceError, UnknownKey, WriteConflict
+from backpack_vault.events import Cause, Event, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import Metrics
 from backpack_vault.vault.port import VaultPort
@@ -35,6 +47,7 @@ log = get_logger("backpack_vault.daemon")
 
 _SCHEDULED = frozenset({Status.PENDING, Status.ACTIVE})
 _NEVER_CHECKED = frozenset({Status.REVOKED, Status.RETIRED, Status.INCOMPLETE})
+RECHECK_FIRST_S = 2.0  # the first re-check of an unsettled verdict; doubles after
 
 
 class Lease:
@@ -141,6 +154,8 @@ class Leadership:
         interval_s: float,
         jitter_s: float,
         alert: Callable[[CheckResult], None] | None = None,
+        recheck_first_s: float = RECHECK_FIRST_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``alert`` receives results that need a human without changing a status."""
         self._vault = vault
@@ -151,9 +166,14 @@ class Leadership:
         self._interval_s = interval_s
         self._jitter_s = jitter_s
         self._alert = alert
+        self._recheck_first_s = recheck_first_s
+        self._clock = clock
         self.held = False
         self._checked: dict[KeyRef, str] = {}  # ref -> scheduler job id, while leader
-        self._final: set[KeyRef] = set()  # revoked, retired or incomplete: never checked again
+        self._final: set[KeyRef] = set()  # revoked, retired or incomplete: not checked
+        self._foreign: dict[KeyRef, str] = {}  # keys of another exchange -> its URL
+        self._reread_at = clock()  # when final and foreign keys were last read again
+        self._backoff: dict[KeyRef, float] = {}  # the delay of a key's next re-check
         # Leadership changes and the set of check jobs change together, under this lock.
         self._lock = threading.RLock()
 
@@ -175,26 +195,29 @@ class Leadership:
             self._metrics.set_leader(leader=self.held)
 
     def sync_keys(self) -> None:
-        """Job: one check job per pending or active key, leader only."""
+        """Job: one check job per pending or active key of this exchange, leader only."""
         if not self.held:
             return
         try:
-            # Names only, then the metadata of keys not seen before: a sync costs a few
-            # list calls, not one read per key. Scheduled keys learn their status when checked.
+            # Names only, then the metadata of keys not seen before (and, once per interval,
+            # of final and foreign keys): a sync costs a few list calls, not one read per key.
+            # Scheduled keys learn their status when checked.
             refs = set(self._vault.list_refs())
             with self._lock:
-                known = set(self._checked) | self._final
-            new = [r for r in map(self._read_if_present, sorted(refs - known)) if r is not None]
+                known = set(self._checked) | self._final | set(self._foreign)
+                again = self._due_for_reread() & refs
+            fresh = sorted((refs - known) | again)
+            new = [r for r in map(self._read_if_present, fresh) if r is not None]
         except ServiceError as exc:
             log.warning("checks.sync_failed", error=exc.code, detail=exc.message)
             return
         with self._lock:
-            for gone in (set(self._checked) | self._final) - refs:
+            for gone in (set(self._checked) | self._final | set(self._foreign)) - refs:
                 self._metrics.forget_key(str(gone))  # deleted from Vault: drop its status series
-            self._final = {ref for ref in self._final if ref in refs} | {
-                r.ref for r in new if r.status in _NEVER_CHECKED
-            }
-            wanted = (refs & set(self._checked)) | {r.ref for r in new if r.status in _SCHEDULED}
+            self._final &= refs
+            self._foreign = {ref: url for ref, url in self._foreign.items() if ref in refs}
+            scheduled = {r.ref for r in new if self._sort(r)}
+            wanted = (refs & set(self._checked)) | scheduled
             # Listing takes a while with many keys: if the lease was lost meanwhile, the jobs
             # are gone and must stay gone, or two replicas would check every key.
             if self.held:
@@ -202,6 +225,50 @@ class Leadership:
 
     def run_check(self, ref: KeyRef, trigger: str = "schedule") -> CheckResult | None:
         """Job: one liveness check of one key; never raises into the scheduler."""
+        return self._run(ref, trigger, "reports" if trigger == "report" else "checks")
+
+    def on_event(self, event: Event) -> None:
+        """Listener: a status written elsewhere puts the key on or off the schedule at once.
+
+        A key made active again (``keys reinstate``) is read and scheduled; one revoked
+        or retired by an operator is not probed again. Changes this replica's checks
+        made are handled where they are made (``run_check``).
+        """
+        if not isinstance(event, KeyStatusChanged) or event.cause is Cause.CHECK:
+            return
+        with self._lock:
+            if not self.held:
+                return
+            ref = event.ref
+            if event.cause is Cause.DELETED:
+                self.unschedule(ref)
+                self._final.discard(ref)
+                self._foreign.pop(ref, None)
+            elif event.new in _NEVER_CHECKED:
+                self.unschedule(ref)
+                self._final.add(ref)
+            elif ref in self._final:  # active or pending again: read it as a new key
+                self._final.discard(ref)
+                self._scheduler.run_soon(self.sync_keys, job_id="checks.sync.now")
+
+    # -- the set of check jobs ------------------------------------------------------------
+
+    def unschedule(self, ref: KeyRef) -> None:
+        with self._lock:
+            job_id = self._checked.pop(ref, None)
+            if job_id is not None:
+                self._scheduler.remove_job(job_id)
+            self._scheduler.remove_job(_recheck_id(ref))
+            self._backoff.pop(ref, None)
+
+    def release(self) -> None:
+        """On shutdown: give the lease up so another replica takes over at once."""
+        with self._lock:
+            if self.held:
+                self.lease.release()
+                self.held = False
+
+    def _run(self, ref: KeyRef, trigger: str, pool: str) -> CheckResult | None:
         try:
             result = self._checker.check(ref)
         except UnknownKey:
@@ -225,22 +292,67 @@ class Leadership:
             with self._lock:
                 self.unschedule(ref)
                 self._final.add(ref)
+        elif result.verdict is Verdict.UNKNOWN and result.reason in UNRESOLVED:
+            self._recheck_later(ref, pool)
+        elif result.reason != "already_running":  # settled: the next check is the regular one
+            with self._lock:
+                self._backoff.pop(ref, None)
+                self._scheduler.remove_job(_recheck_id(ref))
         return result
 
-    # -- the set of check jobs ------------------------------------------------------------
-
-    def unschedule(self, ref: KeyRef) -> None:
+    def _recheck_later(self, ref: KeyRef, pool: str) -> None:
+        """One re-check of ``ref`` after the key's current delay (2 s, doubling)."""
         with self._lock:
-            job_id = self._checked.pop(ref, None)
-            if job_id is not None:
-                self._scheduler.remove_job(job_id)
+            if pool != "reports" and ref not in self._checked:
+                return  # not this replica's key to check (no longer leader, or unscheduled)
+            delay = self._backoff.get(ref, self._recheck_first_s)
+            if delay >= self._interval_s:
+                return  # from here the key's regular check, every interval, carries on
+            self._backoff[ref] = delay * 2
+            self._scheduler.add_job(
+                self._recheck,
+                seconds=self._interval_s,  # a one-shot: the job removes itself when it runs
+                job_id=_recheck_id(ref),
+                first_run_in=delay,
+                args=(ref, pool),
+                executor=pool,
+            )
+        log.info("check.recheck_scheduled", key=str(ref), in_s=delay, pool=pool)
 
-    def release(self) -> None:
-        """On shutdown: give the lease up so another replica takes over at once."""
-        with self._lock:
-            if self.held:
-                self.lease.release()
-                self.held = False
+    def _recheck(self, ref: KeyRef, pool: str) -> None:
+        """Job: the one-shot re-check of a key whose last verdict was unsettled."""
+        self._scheduler.remove_job(_recheck_id(ref))
+        self._run(ref, "recheck", pool)
+
+    def _sort(self, record: KeyRecord) -> bool:
+        """File a key read from Vault (under the lock); True when it is to be checked."""
+        ref = record.ref
+        if record.status in _NEVER_CHECKED:
+            self._final.add(ref)
+            self._foreign.pop(ref, None)
+            return False
+        self._final.discard(ref)
+        if not self._checker.foreign(record):
+            self._foreign.pop(ref, None)
+            return record.status in _SCHEDULED
+        if self._foreign.get(ref) != record.exchange:
+            # Its verdicts here could never be written: it is not probed at all.
+            log.warning(
+                "checks.key_of_another_exchange",
+                key=str(ref),
+                exchange=record.exchange,
+                checks_probe=self._checker.exchange_url,
+            )
+        self._foreign[ref] = record.exchange
+        return False
+
+    def _due_for_reread(self) -> set[KeyRef]:
+        """Final and foreign keys, once per interval (under the lock)."""
+        now = self._clock()
+        if now - self._reread_at < self._interval_s:
+            return set()
+        self._reread_at = now
+        return self._final | set(self._foreign)
 
     def _schedule_exactly(self, wanted: Iterable[KeyRef]) -> None:
         wanted = set(wanted)
@@ -267,3 +379,7 @@ class Leadership:
             return self._vault.read_record(ref)
         except UnknownKey:  # deleted between the listing and the read
             return None
+
+
+def _recheck_id(ref: KeyRef) -> str:
+    return f"recheck:{ref}"

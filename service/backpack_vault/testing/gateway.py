@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
 
 import anyio
 from starlette.datastructures import MutableHeaders
@@ -11,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backpack_vault.core.verdicts import SANDBOX_HEADER
 from backpack_vault.testing.answers import fault_answer
 from backpack_vault.testing.faults import Faults
 from backpack_vault.testing.state import SandboxState
@@ -18,7 +18,6 @@ from backpack_vault.testing.state import SandboxState
 __all__ = ["SANDBOX_HEADER", "Gateway", "SandboxHeader"]
 
 # The header every sandbox answer carries (Backpack's own answers never do).
-SANDBOX_HEADER: Final = "X-Backpack-Sandbox"
 
 
 class Gateway:
