@@ -872,7 +872,7 @@ class TestWebhook:
     ) -> None:
         """``key_status_changed`` is ``on_event`` under its older name: one alert."""
         rx, url = receiver
-        _webhook(http, url).key_status_changed(_status_change())
+        _webhook(http, url).on_event(_status_change())
         assert [alert["new_status"] for alert in rx.received] == ["revoked"]
 
     def test_a_change_no_check_caused_is_not_posted(

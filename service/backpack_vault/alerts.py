@@ -28,7 +28,18 @@ from backpack_vault.config import Secret
 from backpack_vault.core.verdicts import CheckResult
 from backpack_vault.events import Cause, Event, KeyStatusChanged
 
-__all__ = ["ADVICE", "Webhook", "check_alert_payload", "status_change_payload"]
+__all__ = [
+    "ADVICE",
+    "ALERT_FORMATS",
+    "Webhook",
+    "as_format",
+    "check_alert_payload",
+    "status_change_payload",
+]
+
+# How an alert is laid out for its receiver: our own JSON, a Slack incoming-webhook
+# message, or an Alertmanager v2 POST /api/v2/alerts body.
+ALERT_FORMATS: Final = ("json", "slack", "alertmanager")
 
 log = structlog.get_logger()
 
@@ -84,7 +95,11 @@ class Webhook:
         total_timeout_s: float = 30.0,
         wait_initial_s: float = 0.5,
         wait_max_s: float = 5.0,
+        alert_format: str = "json",
     ) -> None:
+        if alert_format not in ALERT_FORMATS:
+            raise ValueError(f"alert format {alert_format!r} is not one of {ALERT_FORMATS}")
+        self.format = alert_format
         self._http = http
         self._url = url if isinstance(url, Secret) else Secret(url)
         self._attempts = attempts
@@ -135,7 +150,8 @@ class Webhook:
         return ""
 
     def _post(self, payload: Mapping[str, Any]) -> None:
-        response = self._http.post(self._url.reveal(), json=dict(payload), timeout=self._timeout)
+        body = as_format(payload, self.format)
+        response = self._http.post(self._url.reveal(), json=body, timeout=self._timeout)
         if response.status_code in _RETRY_STATUSES or response.status_code >= _HTTP_SERVER_ERROR:
             raise _Retryable(response.status_code)
         response.raise_for_status()
@@ -145,8 +161,6 @@ class Webhook:
         if isinstance(event, KeyStatusChanged) and event.cause is Cause.CHECK:
             self.send(status_change_payload(event))
 
-    # The listener's older name, kept for callers that still use it.
-    key_status_changed = on_event
 
     def check_alert(self, result: CheckResult) -> None:
         """Alert on a result that needs a human without changing a status (systemic, ...)."""
@@ -195,3 +209,54 @@ def status_change_payload(event: KeyStatusChanged) -> dict[str, Any]:
         "message": result.message if result else "",
         "at": result.checked_at if result else "",
     }
+
+
+_CRITICAL: Final = frozenset({"revoked", "systemic", "secret_mismatch", "secret_invalid"})
+
+
+def _severity(payload: Mapping[str, Any]) -> str:
+    critical = payload.get("new_status") == "revoked" or payload.get("reason") in _CRITICAL
+    return "critical" if critical else "warning"
+
+
+def _summary(payload: Mapping[str, Any]) -> str:
+    if payload.get("summary"):
+        return str(payload["summary"])
+    return (
+        f"{payload.get('key')}: {payload.get('old_status')} -> {payload.get('new_status')} "
+        f"({payload.get('verdict') or 'no verdict'})"
+    )
+
+
+def as_format(payload: Mapping[str, Any], alert_format: str) -> Any:
+    """The body to POST for one alert in ``alert_format`` (our JSON, Slack, Alertmanager)."""
+    if alert_format == "slack":
+        lines = [f"*backpack-vault*: {_summary(payload)}"]
+        if payload.get("advice"):
+            lines.append(str(payload["advice"]))
+        fields = ("key", "verdict", "http_status", "code", "at")
+        detail = ", ".join(f"{f}={payload[f]}" for f in fields if payload.get(f) not in (None, ""))
+        lines.append(f"`{detail}`")
+        return {"text": "\n".join(lines)}
+    if alert_format == "alertmanager":
+        labels = {
+            "alertname": (
+                "BackpackVaultKeyStatusChanged"
+                if payload.get("event") == "key.status_changed"
+                else "BackpackVaultCheckAlert"
+            ),
+            "severity": _severity(payload),
+            "service": "backpack-vault",
+            "key": str(payload.get("key", "")),
+        }
+        for name in ("new_status", "reason"):
+            if payload.get(name):
+                labels[name] = str(payload[name])
+        annotations = {"summary": _summary(payload)}
+        if payload.get("advice"):
+            annotations["description"] = str(payload["advice"])
+        alert: dict[str, Any] = {"labels": labels, "annotations": annotations}
+        if payload.get("at"):
+            alert["startsAt"] = str(payload["at"])
+        return [alert]
+    return dict(payload)

@@ -496,7 +496,6 @@ class Checker:
         clock: Callable[[], float] = time.time,
         budget: RequestBudget | None = None,
         emit: Listener | None = None,
-        on_change: Listener | None = None,
         window_ms: int = PROBE_WINDOW_MS,
         confirm_delay_s: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -507,8 +506,7 @@ class Checker:
         self._vault = vault
         self._clock = clock
         self.exchange_url = exchange.base_url
-        # on_change: the older name of emit.
-        self._emit = emit or on_change
+        self._emit = emit
         self._evaluator = _Evaluator(
             vault,
             exchange,

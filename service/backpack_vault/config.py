@@ -99,6 +99,7 @@ class CheckSettings:
     concurrency: int = 8
     subaccount_budget_per_minute: int = 120
     webhook_url: Secret | None = None  # chat webhooks carry a token in the URL
+    alert_format: str = "json"  # json, slack or alertmanager
     timeout: float = 10.0
     lease_ttl: float = 30.0
 
@@ -239,6 +240,13 @@ FIELDS: Final[tuple[Field, ...]] = (
     ),
     Field("lease_ttl", "BACKPACK_VAULT_LEASE_TTL", _positive_float, "checks", "lease_ttl"),
     Field("webhook_url", "BACKPACK_VAULT_WEBHOOK_URL", _url, "checks", "webhook_url", secret=True),
+    Field(
+        "alert_format",
+        "BACKPACK_VAULT_ALERT_FORMAT",
+        _choice("json", "slack", "alertmanager"),
+        "checks",
+        "alert_format",
+    ),
 )
 _BY_NAME: Final = {f.name: f for f in FIELDS}
 

@@ -181,7 +181,11 @@ class Daemon:
             self._exchange_http, checks.backpack_url, clock=clock, timeout_s=checks.timeout
         )
         self.webhook = (
-            Webhook(httpx.Client(timeout=httpx.Timeout(5.0)), checks.webhook_url)
+            Webhook(
+                httpx.Client(timeout=httpx.Timeout(5.0)),
+                checks.webhook_url,
+                alert_format=checks.alert_format,
+            )
             if checks.webhook_url
             else None
         )
