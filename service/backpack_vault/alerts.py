@@ -161,7 +161,6 @@ class Webhook:
         if isinstance(event, KeyStatusChanged) and event.cause is Cause.CHECK:
             self.send(status_change_payload(event))
 
-
     def check_alert(self, result: CheckResult) -> None:
         """Alert on a result that needs a human without changing a status (systemic, ...)."""
         self.send(check_alert_payload(result))

@@ -311,7 +311,9 @@ def keys_check(ctx: Context, key: KeyRef, backpack_url: str | None, as_json: boo
     settings = ctx.settings(backpack_url=backpack_url)
     url = settings.checks.webhook_url
     with httpx.Client(timeout=httpx.Timeout(settings.checks.timeout)) as http:
-        webhook = Webhook(http, url) if url else None  # a revocation found here alerts too
+        webhook = (  # a revocation found here alerts too
+            Webhook(http, url, alert_format=settings.checks.alert_format) if url else None
+        )
         exchange = Exchange(http, settings.checks.backpack_url, timeout_s=settings.checks.timeout)
         checker = Checker(ctx.vault(), exchange, emit=webhook.on_event if webhook else None)
         checked = checker.examine(key)
@@ -581,21 +583,125 @@ def policy_export(ctx: Context, directory: Path, configured: bool) -> None:
 # -- servers ------------------------------------------------------------------------------
 
 
+# -- exec ---------------------------------------------------------------------------------
+
+
+@cli.command(
+    "exec",
+    context_settings={"ignore_unknown_options": False},
+    epilog="""\b
+Environment: BACKPACK_VAULT_DAEMON_URL (or --daemon), BACKPACK_VAULT_DAEMON_CACERT,
+VAULT_ADDR, VAULT_CACERT, and the worker's Vault login: BACKPACK_VAULT_WORKER_AUTH
+(token | token-file | approle | kubernetes), VAULT_TOKEN, BACKPACK_VAULT_WORKER_TOKEN_FILE,
+BACKPACK_VAULT_WORKER_ROLE_ID(_FILE), BACKPACK_VAULT_WORKER_SECRET_ID(_FILE),
+BACKPACK_VAULT_WORKER_K8S_ROLE, BACKPACK_VAULT_WORKER_JWT_FILE.
+
+\b
+Exit codes: CMD's own (128+N if signal N ended it); 6 CMD stopped because the key
+was retired or revoked, or the key is not usable; 2 settings; 4 Vault login or
+grant refused; 5 unknown key; 8 daemon or Vault unreachable; 126 CMD cannot run;
+127 CMD not found.""",
+)
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
+@click.option("--daemon", "daemon_url", help="Daemon URL (default: $BACKPACK_VAULT_DAEMON_URL).")
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "freqtrade", "ccxt"]),
+    default="default",
+    show_default=True,
+    help="Variable names: BACKPACK_API_KEY/_SECRET, FREQTRADE__EXCHANGE__KEY/__SECRET, "
+    "CCXT_APIKEY/CCXT_SECRET.",
+)
+@click.option("--key-env", help="Name of the variable holding the API key.")
+@click.option("--secret-env", help="Name of the variable holding the API secret.")
+@click.option(
+    "--file",
+    "file_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the key to this 0600 file (atomically) instead of the environment.",
+)
+@click.option("--format", "file_format", type=click.Choice(["json", "env"]), default="json")
+@click.option(
+    "--on-change",
+    multiple=True,
+    metavar="[EVENT=]ACTION",
+    help="EVENT: rotated, retired, revoked, refresh (none: rotated and refresh). ACTION: "
+    "restart, stop, ignore, signal:NAME. Defaults: rotated=restart, refresh=restart "
+    "(ignore with --file), retired=stop, revoked=stop.",
+)
+@click.option(
+    "--grace", type=float, default=10.0, show_default=True, help="Seconds from SIGTERM to SIGKILL."
+)
+@pass_ctx
+@handle_errors
+def exec_command(
+    ctx: Context,
+    key: KeyRef,
+    command: tuple[str, ...],
+    daemon_url: str | None,
+    preset: str,
+    key_env: str | None,
+    secret_env: str | None,
+    file_path: Path | None,
+    file_format: str,
+    on_change: tuple[str, ...],
+    grace: float,
+) -> None:
+    """Run CMD with a copy of the key in its environment (or a file); restart or stop it
+    when the key rotates, is retired or revoked. Signals are forwarded; CMD's exit code
+    is exec's."""
+    from backpack_vault import exec as runner  # noqa: PLC0415 - fast start
+    from backpack_vault.client.broker import BrokerClient  # noqa: PLC0415 - fast start
+    from backpack_vault.config import environ_snapshot  # noqa: PLC0415 - fast start
+
+    environ = environ_snapshot()
+    vault_addr = ctx.flags.get("vault_addr")
+    if isinstance(vault_addr, str) and vault_addr:
+        environ["VAULT_ADDR"] = vault_addr
+    names = runner.PRESETS[preset]
+    options = runner.ExecOptions(
+        key=key,
+        command=command,
+        key_env=key_env or names[0],
+        secret_env=secret_env or names[1],
+        file=file_path.absolute() if file_path is not None else None,
+        file_format="env" if file_format == "env" else "json",
+        actions=runner.parse_on_change(on_change, file_sink=file_path is not None),
+        grace_s=grace,
+    )
+    broker = BrokerClient.from_env(environ, url=daemon_url)
+    sys.exit(runner.run(broker, options, environ))
+
+
 @cli.command("serve")
 @click.option(
     "--listen", metavar="HOST:PORT", help="Default: $BACKPACK_VAULT_LISTEN or 127.0.0.1:8280."
 )
 @click.option("--backpack-url", help="Backpack REST base URL.")
 @click.option("--check-interval", type=float, help="Seconds between checks of one key.")
+@click.option("--tls-cert", metavar="FILE", help="PEM certificate: serve HTTPS (with --tls-key).")
+@click.option("--tls-key", metavar="FILE", help="PEM key of --tls-cert; both reload on SIGHUP.")
 @pass_ctx
 @handle_errors
 def serve_command(
-    ctx: Context, listen: str | None, backpack_url: str | None, check_interval: float | None
+    ctx: Context,
+    listen: str | None,
+    backpack_url: str | None,
+    check_interval: float | None,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """The daemon: worker API, liveness checks, token renewal. SIGTERM drains and exits 0."""
     from backpack_vault.daemon import Daemon  # noqa: PLC0415 - fast start
 
-    settings = ctx.settings(listen=listen, backpack_url=backpack_url, check_interval=check_interval)
+    settings = ctx.settings(
+        listen=listen,
+        backpack_url=backpack_url,
+        check_interval=check_interval,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
     sys.exit(Daemon(settings).run())
 
 

@@ -3,6 +3,7 @@
 A thin re-export of :mod:`backpack_vault.client`, kept so that existing bots go on working.
 """
 
+from backpack_vault.client.aio import AsyncBrokerAuth, AsyncBrokerClient
 from backpack_vault.client.broker import (
     AccessDenied,
     BrokerAuth,
@@ -17,9 +18,12 @@ from backpack_vault.client.broker import (
     WatchEvent,
     is_rejection,
 )
+from backpack_vault.client.vault_auth import VaultAuth
 
 __all__ = [
     "AccessDenied",
+    "AsyncBrokerAuth",
+    "AsyncBrokerClient",
     "BrokerAuth",
     "BrokerClient",
     "BrokerUnavailable",
@@ -28,6 +32,7 @@ __all__ = [
     "KeyPending",
     "KeyRetired",
     "KeyRevoked",
+    "VaultAuth",
     "Watch",
     "WatchEvent",
     "is_rejection",

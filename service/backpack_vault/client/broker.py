@@ -28,44 +28,52 @@ Errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...) are in
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, Literal, Self
-from urllib.parse import quote
 
 import httpx
 
-from backpack_vault.backpack.instructions import is_state_changing, lookup
-from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params, Signer
+from backpack_vault.backpack.instructions import lookup
+from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params
+from backpack_vault.client.protocol import (
+    REFRESH_FRACTION,
+    Copy,
+    answer_json,
+    error_from,
+    is_rejection,
+    key_url,
+    parse_copy,
+    request_params,
+    says_token_dead,
+    sign_body,
+    unreachable,
+    unwrapped,
+)
+from backpack_vault.client.protocol import ref as _ref
+from backpack_vault.client.vault_auth import VaultAuth, VaultLogin, client_env
 from backpack_vault.client.watch import FINAL_STATUSES, READ_TIMEOUT_S, Watch, WatchEvent
-from backpack_vault.config import Secret, read_secret_file
+from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRef
-from backpack_vault.core.verdicts import is_key_rejection, parse_answer
 from backpack_vault.errors import (
     AccessDenied,
     BrokerUnavailable,
     ConfigError,
     CopyUnavailable,
-    InvalidInput,
-    KeyNotUsable,
     KeyPending,
     KeyRetired,
     KeyRevoked,
-    NotAuthenticated,
     RateLimited,
     ServiceError,
-    UnknownKey,
     not_usable,
 )
 
 __all__ = [
+    "REFRESH_FRACTION",
     "AccessDenied",
     "BrokerAuth",
     "BrokerClient",
@@ -75,12 +83,12 @@ __all__ = [
     "KeyPending",
     "KeyRetired",
     "KeyRevoked",
+    "VaultAuth",
     "Watch",
     "WatchEvent",
     "is_rejection",
 ]
 
-REFRESH_FRACTION: Final = 2 / 3
 REPORT_EVERY_S: Final = 10.0
 CONFIRM_S: Final = 3.0  # after a report, how long a request waits for the daemon's verdict
 _INFO_EVERY_S: Final = 0.5  # while no watch is connected, how often info is asked meanwhile
@@ -88,83 +96,16 @@ _REFUSED_RETRY_S: Final = 30.0  # the daemon refused the watch (401, 403): ask a
 _JOIN_S: Final = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """An unwrapped copy of a key; ``api_secret`` stays a Secret, ``expires_at`` is epoch s."""
-
-    key: KeyRef
-    api_key: str
-    api_secret: Secret
-    version: int
-    read_only: bool
-    expires_at: float
-    received_at: float
-    signer: Signer = field(repr=False, compare=False)
-
-    def refresh_due(self, now: float) -> bool:
-        """At about two thirds of the copy's lifetime it is time to fetch a fresh one."""
-        lifetime = max(self.expires_at - self.received_at, 0.0)
-        return now >= self.received_at + lifetime * REFRESH_FRACTION
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires_at
-
-    def headers(
-        self,
-        instruction: str,
-        params: Params | None,
-        timestamp_ms: int,
-        window_ms: int = DEFAULT_WINDOW_MS,
-    ) -> dict[str, str]:
-        if self.read_only and is_state_changing(instruction):
-            raise AccessDenied(
-                str(self.key),
-                f"key {self.key} is read-only: it cannot sign {instruction}, which changes "
-                "account state",
-                grant=f"sign/{instruction}",
-            )
-        return self.signer.headers(instruction, params, timestamp_ms, window_ms)
-
-
-def _ref(key: str | KeyRef) -> KeyRef:
-    return key if isinstance(key, KeyRef) else KeyRef.parse(key)
-
-
-def _error_from(response: httpx.Response, key: str) -> ServiceError:  # noqa: PLR0911 - a table
-    """Our exception for a daemon error answer (the body's code picks the class)."""
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        error, code = {}, ""
-        message = f"the broker answered {response.status_code} without an error body"
-    status = response.status_code
-    if status == HTTPStatus.UNAUTHORIZED:
-        return NotAuthenticated(message)
-    if status == HTTPStatus.FORBIDDEN:
-        return AccessDenied(key, message)
-    if status == HTTPStatus.NOT_FOUND and code == UnknownKey.code:
-        return UnknownKey(key)
-    if status == HTTPStatus.CONFLICT and code == KeyNotUsable.code:
-        key_status = str(error.get("status", ""))
-        return not_usable(key, key_status)
-    if status == HTTPStatus.TOO_MANY_REQUESTS:
-        return RateLimited(message)
-    if status == HTTPStatus.UNPROCESSABLE_ENTITY:
-        return InvalidInput(message)
-    if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
-        return BrokerUnavailable(f"the broker cannot answer now ({status}): {message}")
-    return ServiceError(f"the broker answered {status}: {message}")
-
-
-def is_rejection(response: httpx.Response) -> bool:
-    """Whether a Backpack answer means the key itself was refused (not a clock or order
-    problem): the verdict table the daemon's checks use, for an ordinary request."""
-    return is_key_rejection(parse_answer(response.status_code, response.text))
+_error_from = error_from  # the name the modules of this package used before
 
 
 class BrokerClient:
-    """Talks to the backpack-vault daemon with the worker's own Vault token."""
+    """Talks to the backpack-vault daemon with the worker's own Vault token.
+
+    The token comes from ``auth`` (:class:`VaultAuth`: token, token file, AppRole,
+    Kubernetes; renewed and logged in again by itself), or from the ``token=`` /
+    ``token_file=`` shortcuts. :meth:`from_env` reads it all from the environment.
+    """
 
     def __init__(
         self,
@@ -173,21 +114,49 @@ class BrokerClient:
         vault_addr: str,
         token: str | Secret | None = None,
         token_file: str | Path | None = None,
+        auth: VaultAuth | None = None,
         http: httpx.Client | None = None,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        verify: str | bool = True,
     ) -> None:
-        if token is None and token_file is None:
-            raise ConfigError("BrokerClient needs the worker's Vault token: token= or token_file=")
+        if auth is None:
+            if token is not None:
+                auth = VaultAuth.token(token)
+            elif token_file is not None:
+                auth = VaultAuth.token_file(token_file)
+            else:
+                raise ConfigError(
+                    "BrokerClient needs the worker's Vault login: auth=VaultAuth..., token= "
+                    "or token_file="
+                )
         self.url = url.rstrip("/")
         self.vault_addr = vault_addr.rstrip("/")
-        self._token = Secret(token) if isinstance(token, str) else token
-        self._token_file = Path(token_file) if token_file is not None else None
-        self._http = http or httpx.Client(timeout=timeout)
+        self._http = http or httpx.Client(timeout=timeout, verify=verify)
         self._owns_http = http is None
+        self.login = VaultLogin(auth, self.vault_addr, self._http)
         self._clock = clock
         self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, url: str | None = None, **kwargs: Any
+    ) -> Self:
+        """A client from ``BACKPACK_VAULT_DAEMON_URL``, ``VAULT_ADDR`` and the worker auth
+        variables (:mod:`backpack_vault.client.vault_auth`); ``url`` overrides the first.
+
+        ``BACKPACK_VAULT_DAEMON_CACERT`` and ``VAULT_CACERT`` name CA bundles. The one
+        CA a client can hold verifies both: the daemon's wins when both are set.
+        """
+        found = client_env(os.environ if environ is None else environ, url)
+        return cls(
+            found.url,
+            vault_addr=found.vault_addr,
+            auth=found.auth,
+            verify=found.verify,
+            **kwargs,
+        )
 
     def close(self) -> None:
         """End every watch (and the watcher threads of this client's auths), then the client."""
@@ -205,36 +174,37 @@ class BrokerClient:
         self.close()
 
     def _vault_token(self) -> Secret:
-        if self._token is not None:
-            return self._token
-        if self._token_file is None:  # pragma: no cover - __init__ requires one of the two
-            raise ConfigError("no Vault token and no token file")
-        # Read each time: Vault Agent rewrites the file when it renews or logs in again.
-        return read_secret_file(self._token_file, "the token file")
+        return self.login.token()
 
     def _url(self, key: KeyRef, suffix: str = "") -> str:
-        return f"{self.url}/v1/keys/{quote(key.subaccount)}/{quote(key.name)}{suffix}"
+        return key_url(self.url, key, suffix)
 
     def _headers(self) -> dict[str, str]:
         return {"X-Vault-Token": self._vault_token().reveal()}
 
     def _call(self, method: str, key: KeyRef, suffix: str, body: Any = None) -> Any:
-        try:
-            response = self._http.request(
-                method, self._url(key, suffix), json=body, headers=self._headers()
-            )
-        except httpx.HTTPError as exc:
-            raise BrokerUnavailable(
-                f"the broker at {self.url} is unreachable: {type(exc).__name__}"
-            ) from None
-        if not response.is_success:
-            raise _error_from(response, str(key))
-        try:
-            return response.json()
-        except ValueError:
-            raise BrokerUnavailable(
-                f"the broker at {self.url} answered with invalid JSON"
-            ) from None
+        for attempt in (1, 2):
+            token = self._vault_token()
+            try:
+                response = self._http.request(
+                    method,
+                    self._url(key, suffix),
+                    json=body,
+                    headers={"X-Vault-Token": token.reveal()},
+                )
+            except httpx.HTTPError as exc:
+                raise unreachable(f"the broker at {self.url}", exc) from None
+            try:
+                return answer_json(response, str(key), self.url)
+            except ServiceError as exc:
+                # A dead token (expired, revoked): log in again once, if the method can.
+                if attempt == 2 or not says_token_dead(exc):  # noqa: PLR2004 - the second try
+                    raise
+                if isinstance(exc, AccessDenied) and self.login.is_alive(token):
+                    raise
+                if not self.login.dead(token):
+                    raise
+        raise AssertionError  # pragma: no cover - the loop returns or raises
 
     # -- the four calls -------------------------------------------------------------------
 
@@ -243,23 +213,7 @@ class BrokerClient:
         ref = _ref(key)
         handout = self._call("POST", ref, "/copy")
         wrap_token = Secret(str(handout["wrap_token"]))
-        data = self._unwrap(ref, wrap_token)
-        try:
-            api_secret = Secret(str(data["api_secret"]))
-            api_key = str(data["api_key"])
-            expires_at = datetime.fromisoformat(str(data["expires_at"])).timestamp()
-            return Copy(
-                key=ref,
-                api_key=api_key,
-                api_secret=api_secret,
-                version=int(data["version"]),
-                read_only=bool(data["read_only"]),
-                expires_at=expires_at,
-                received_at=self._clock(),
-                signer=Signer(api_key, api_secret),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ServiceError(f"the copy of {ref} is malformed ({type(exc).__name__})") from None
+        return parse_copy(ref, self._unwrap(ref, wrap_token), received_at=self._clock())
 
     def _unwrap(self, ref: KeyRef, wrap_token: Secret) -> dict[str, Any]:
         try:
@@ -271,20 +225,7 @@ class BrokerClient:
             raise BrokerUnavailable(
                 f"Vault at {self.vault_addr} is unreachable for unwrapping: {type(exc).__name__}"
             ) from None
-        if response.status_code in (HTTPStatus.BAD_REQUEST, HTTPStatus.FORBIDDEN):
-            raise CopyUnavailable(
-                f"the copy of {ref} could not be unwrapped: its wrapping token was already used, "
-                "expired or was revoked (the key may have been retired or revoked)"
-            )
-        if response.status_code != HTTPStatus.OK:
-            raise BrokerUnavailable(f"Vault answered {response.status_code} to unwrap")
-        try:
-            data = response.json()["data"]
-        except (ValueError, KeyError, TypeError):
-            raise BrokerUnavailable("Vault's unwrap answer holds no data") from None
-        if not isinstance(data, dict):
-            raise BrokerUnavailable("Vault's unwrap answer holds no data")
-        return data
+        return unwrapped(ref, response)
 
     def sign(
         self,
@@ -295,12 +236,9 @@ class BrokerClient:
         window: int | None = None,
     ) -> dict[str, str]:
         """The four Backpack headers for one request, signed by the daemon."""
-        body: dict[str, Any] = {"instruction": instruction, "params": params or {}}
-        if timestamp is not None:
-            body["timestamp"] = timestamp
-        if window is not None:
-            body["window"] = window
-        answer = self._call("POST", _ref(key), "/sign", body)
+        answer = self._call(
+            "POST", _ref(key), "/sign", sign_body(instruction, params, timestamp, window)
+        )
         return {str(k): str(v) for k, v in answer["headers"].items()}
 
     def info(self, key: str | KeyRef) -> dict[str, Any]:
@@ -329,7 +267,7 @@ class BrokerClient:
             self._http,
             self._url(ref, "/watch"),
             self._headers,
-            error_for=lambda response: _error_from(response, str(ref)),
+            error_for=lambda response: error_from(response, str(ref)),
             last_event_id=last_event_id,
             read_timeout_s=READ_TIMEOUT_S if read_timeout_s is None else read_timeout_s,
         )
@@ -367,19 +305,7 @@ class BrokerClient:
         )
 
 
-def _params(request: httpx.Request) -> Params | None:
-    """What Backpack signs for this request: the JSON body if any, else the query."""
-    if request.content:
-        try:
-            body = json.loads(request.content)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidInput("the request body is not JSON, so it cannot be signed") from None
-        if isinstance(body, dict):
-            return body
-        if isinstance(body, list) and all(isinstance(item, dict) for item in body):
-            return body
-        raise InvalidInput("the request body must be a JSON object (or a list for batch orders)")
-    return dict(request.url.params.multi_items()) or None
+_params = request_params
 
 
 class BrokerAuth(httpx.Auth):

@@ -1,0 +1,347 @@
+"""``backpack-vault exec SUB/NAME -- CMD ARGS...``: a bot that reads its key from the environment.
+
+The Vault Agent exec / envconsul pattern: fetch a copy, start CMD with the key in
+its environment (or in a 0600 file, ``--file``), forward SIGTERM, SIGINT and
+SIGHUP, exit with CMD's code. The key is watched; what a change does is
+``--on-change [EVENT=]ACTION`` (events ``rotated``, ``retired``, ``revoked``,
+``refresh``; actions ``restart``, ``stop``, ``signal:NAME``, ``ignore``).
+
+Exit codes: CMD's own (128+N when a signal N ended it); 6 when exec stopped CMD
+because the key was retired or revoked, or the key is not usable at start; 2
+settings; 4 the worker's Vault login or grant refused; 5 unknown key; 8 the
+daemon or Vault unreachable; 126 CMD cannot run, 127 CMD not found.
+
+Rules: the secret never reaches argv or a log line; the worker's own Vault
+credentials (``VAULT_TOKEN``, secret-id) are not passed to CMD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+from backpack_vault.client.broker import BrokerClient, Copy
+from backpack_vault.client.watch import FINAL_STATUSES
+from backpack_vault.core.keys import KeyRef
+from backpack_vault.errors import ConfigError, KeyNotUsable, ServiceError
+
+__all__ = ["EXIT_KEY_GONE", "PRESETS", "ExecOptions", "parse_on_change", "run"]
+
+PRESETS: Final = {
+    "default": ("BACKPACK_API_KEY", "BACKPACK_API_SECRET"),
+    "freqtrade": ("FREQTRADE__EXCHANGE__KEY", "FREQTRADE__EXCHANGE__SECRET"),
+    # ccxt reads no variables itself; its examples and docs use these names.
+    "ccxt": ("CCXT_APIKEY", "CCXT_SECRET"),
+}
+EVENTS: Final = ("rotated", "retired", "revoked", "refresh")
+DEFAULT_ACTIONS: Final = {
+    "rotated": "restart",
+    "refresh": "restart",
+    "retired": "stop",
+    "revoked": "stop",
+}
+EXIT_KEY_GONE: Final = KeyNotUsable.exit_code  # 6: stopped because the key was retired/revoked
+# Not handed to the child: the worker's own Vault credentials.
+_WITHHELD: Final = (
+    "VAULT_TOKEN",
+    "BACKPACK_VAULT_WORKER_SECRET_ID",
+    "BACKPACK_VAULT_WORKER_ROLE_ID",
+)
+_FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_TICK_S: Final = 0.5
+_WATCH_RETRY_S: Final = 5.0
+
+
+def parse_on_change(values: Sequence[str], *, file_sink: bool = False) -> dict[str, str]:
+    """``[EVENT=]ACTION`` items over the defaults (no EVENT: rotated and refresh)."""
+    actions = dict(DEFAULT_ACTIONS)
+    if file_sink:
+        actions["refresh"] = "ignore"  # the file is rewritten; the bot re-reads it
+    for value in values:
+        event, _, action = value.rpartition("=")
+        events = (event,) if event else ("rotated", "refresh")
+        if event and event not in EVENTS:
+            raise ConfigError(f"--on-change: unknown event {event!r} ({', '.join(EVENTS)})")
+        if action not in ("restart", "stop", "ignore"):
+            name = action.removeprefix("signal:")
+            if not action.startswith("signal:") or _signal(name) is None:
+                raise ConfigError(
+                    f"--on-change: unknown action {action!r} (restart, stop, ignore, signal:NAME)"
+                )
+        for one in events:
+            actions[one] = action
+    return actions
+
+
+def _signal(name: str) -> signal.Signals | None:
+    name = name.upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    return getattr(signal.Signals, name, None)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOptions:
+    key: KeyRef
+    command: Sequence[str]
+    key_env: str = PRESETS["default"][0]
+    secret_env: str = PRESETS["default"][1]
+    file: Path | None = None
+    file_format: Literal["json", "env"] = "json"
+    actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    grace_s: float = 10.0
+
+
+def render(copy: Copy, options: ExecOptions) -> str:
+    """The file sink's contents."""
+    if options.file_format == "env":
+        return (
+            f"{options.key_env}={shlex.quote(copy.api_key)}\n"
+            f"{options.secret_env}={shlex.quote(copy.api_secret.reveal())}\n"
+        )
+    return json.dumps(
+        {
+            "api_key": copy.api_key,
+            "api_secret": copy.api_secret.reveal(),
+            "key": str(copy.key),
+            "version": copy.version,
+            "expires_at": copy.expires_at,
+        }
+    )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A 0600 file that is either the old or the new one, never a part: temp, fsync, rename."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(temp).replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(temp).unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _Runner:
+    def __init__(
+        self, broker: BrokerClient, options: ExecOptions, environ: Mapping[str, str]
+    ) -> None:
+        self.broker = broker
+        self.options = options
+        self.environ = {k: v for k, v in environ.items() if k not in _WITHHELD}
+        self.events: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self.child: subprocess.Popen[bytes] | None = None
+        self.copy: Copy | None = None
+        self.stopping = threading.Event()
+
+    # -- the child ---------------------------------------------------------------------
+
+    def _child_env(self, copy: Copy) -> dict[str, str]:
+        env = dict(self.environ)
+        if self.options.file is None:
+            env[self.options.key_env] = copy.api_key
+            env[self.options.secret_env] = copy.api_secret.reveal()
+        else:
+            env["BACKPACK_VAULT_KEY_FILE"] = str(self.options.file)
+        return env
+
+    def _provide(self, copy: Copy) -> None:
+        self.copy = copy
+        if self.options.file is not None:
+            write_atomically(self.options.file, render(copy, self.options))
+
+    def _start(self) -> None:
+        if self.copy is None:  # pragma: no cover - a copy is fetched first
+            raise ServiceError("no copy to start with")
+        self.child = subprocess.Popen(self.options.command, env=self._child_env(self.copy))  # noqa: S603 - the operator's command
+
+    def _terminate(self) -> int:
+        """SIGTERM, wait up to the grace period, then SIGKILL; the child's code."""
+        child = self.child
+        if child is None:
+            return 0
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(self.options.grace_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        return child.wait()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._provide(self.broker.copy(self.options.key))
+        try:
+            self._start()
+        except FileNotFoundError:
+            _remove(self.options.file)
+            print(f"backpack-vault exec: {self.options.command[0]}: not found", file=sys.stderr)  # noqa: T201
+            return 127
+        except PermissionError:
+            _remove(self.options.file)
+            print(f"backpack-vault exec: {self.options.command[0]}: cannot run", file=sys.stderr)  # noqa: T201
+            return 126
+        watcher = threading.Thread(
+            target=self._watch, name="backpack-vault-exec-watch", daemon=True
+        )
+        watcher.start()
+        try:
+            with _forwarding(self.events):
+                return self._loop()
+        finally:
+            self.stopping.set()
+            self._terminate()
+            _remove(self.options.file)
+            self.broker.close()
+
+    def _loop(self) -> int:
+        while True:
+            child = self.child
+            if child is not None and child.poll() is not None:
+                return _exit_code(child.returncode)
+            try:
+                kind, value = self.events.get(timeout=_TICK_S)
+            except queue.Empty:
+                kind, value = "tick", None
+            if kind == "signal" and child is not None and child.poll() is None:
+                child.send_signal(int(value))  # type: ignore[call-overload]
+            elif kind == "change":
+                code = self._act(str(value))
+                if code is not None:
+                    return code
+            elif kind == "tick":
+                code = self._refresh_if_due()
+                if code is not None:
+                    return code
+
+    def _refresh_if_due(self) -> int | None:
+        copy = self.copy
+        if copy is None or not copy.refresh_due(time.time()):
+            return None
+        try:
+            fresh = self.broker.copy(self.options.key)
+        except KeyNotUsable as exc:
+            return self._act(exc.status)
+        except ServiceError:
+            return None  # the daemon may be back before the copy expires: next tick
+        rotated = fresh.version != copy.version
+        self._provide(fresh)
+        return self._apply("rotated" if rotated else "refresh", fetch=False)
+
+    def _act(self, event: str) -> int | None:
+        if event in FINAL_STATUSES:
+            if event == "revoked":
+                _remove(self.options.file)
+            return self._apply(event, fetch=False)
+        # rotated: a new version under the same name
+        try:
+            fresh = self.broker.copy(self.options.key)
+        except KeyNotUsable as exc:
+            return self._act(exc.status) if exc.status in FINAL_STATUSES else None
+        except ServiceError:
+            return None
+        if self.copy is not None and fresh.version == self.copy.version:
+            return None
+        self._provide(fresh)
+        return self._apply("rotated", fetch=False)
+
+    def _apply(self, event: str, *, fetch: bool) -> int | None:
+        del fetch
+        action = self.options.actions.get(event, "ignore")
+        final = event in FINAL_STATUSES
+        if action == "stop":
+            self._terminate()
+            return EXIT_KEY_GONE if final else 0
+        if action == "restart" and not final:
+            self._terminate()
+            self._start()
+        elif action.startswith("signal:"):
+            signum = _signal(action.removeprefix("signal:"))
+            if self.child is not None and signum is not None and self.child.poll() is None:
+                self.child.send_signal(signum)
+        return None
+
+    # -- the watch thread --------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with self.broker.watch(self.options.key) as watch:
+                    for event in watch:
+                        if self.stopping.is_set():
+                            return
+                        change = self._change_of(event.event, event.status)
+                        if change is not None:
+                            self.events.put(("change", change))
+            except Exception:  # noqa: BLE001, S110 - refused or failing: watch again later
+                pass
+            self.stopping.wait(_WATCH_RETRY_S)
+
+    def _change_of(self, name: str, status: str | None) -> str | None:
+        if name in FINAL_STATUSES or status in FINAL_STATUSES:
+            return name if name in FINAL_STATUSES else status
+        if name == "rotated":
+            return "rotated"
+        if status == "active" and self.copy is not None:
+            # The daemon has no rotated event of its own yet: a new version is one.
+            try:
+                version = self.broker.info(self.options.key).get("version")
+            except ServiceError:
+                return None
+            if version is not None and version != self.copy.version:
+                return "rotated"
+        return None
+
+
+@contextlib.contextmanager
+def _forwarding(events: queue.SimpleQueue[tuple[str, object]]) -> Iterator[None]:
+    """Signal handlers that only queue the signal; the old ones come back on exit."""
+
+    def handler(signum: int, _frame: object) -> None:
+        events.put(("signal", signum))
+
+    previous = {sig: signal.signal(sig, handler) for sig in _FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run(broker: BrokerClient, options: ExecOptions, environ: Mapping[str, str]) -> int:
+    """Run the command under the key until it exits; its exit code (module docstring)."""
+    if not options.command:
+        raise ConfigError("exec needs a command after --")
+    return _Runner(broker, options, environ).run()
