@@ -532,6 +532,20 @@ def checking(
         daemon.stop()
 
 
+class TestCheckMetrics:
+    def test_a_check_feeds_its_duration_clock_offset_and_last_check(
+        self, checking: Daemon, vault: Vault, sandbox: SandboxAdmin
+    ) -> None:
+        """Each check lands in the duration and clock-offset histograms and on the page."""
+        pair = store_key(vault, REF, exchange=sandbox.url)
+        sandbox.register(pair.api_key)
+        checking.run_check(REF)
+        text = checking.metrics.render()[0].decode()
+        assert "backpack_vault_check_duration_seconds_count 1.0" in text
+        assert "backpack_vault_clock_offset_seconds_count 1.0" in text
+        assert checking.activity.last_checks()[str(REF)].verdict == "VALID"
+
+
 class TestEvents:
     def test_a_check_caused_change_is_one_event_reaching_every_listener(
         self,

@@ -135,9 +135,9 @@ class Daemon:
         self.feed = FeedPoller(
             self.vault, emit=self.events.emit, notify=self.watchers.publish, recheck=self.recheck
         )
+        self.activity = Activity()
         self._wire_checks(clock, exchange_http, confirm_delay_s)
         self._subscribe()
-        self.activity = Activity()
         self.tls = (
             ReloadableTLS(settings.tls_cert, settings.tls_key)
             if settings.tls_cert and settings.tls_key
@@ -206,7 +206,12 @@ class Daemon:
             interval_s=checks.interval,
             jitter_s=checks.interval * checks.jitter,
             alert=self.webhook.check_alert if self.webhook else None,
+            offset_ms=lambda: self.exchange.offset_ms,
+            checked=self._checked,
         )
+
+    def _checked(self, result: CheckResult) -> None:
+        self.activity.checked(str(result.ref), result.verdict.value, result.reason, now=time.time())
 
     def _ui_source(self) -> DaemonSource:
         leadership = self.leadership

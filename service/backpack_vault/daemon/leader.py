@@ -156,8 +156,14 @@ class Leadership:
         alert: Callable[[CheckResult], None] | None = None,
         recheck_first_s: float = RECHECK_FIRST_S,
         clock: Callable[[], float] = time.monotonic,
+        offset_ms: Callable[[], int] | None = None,
+        checked: Callable[[CheckResult], None] | None = None,
     ) -> None:
-        """``alert`` receives results that need a human without changing a status."""
+        """``alert`` receives results that need a human without changing a status;
+        ``offset_ms`` reads the exchange's clock offset after a check; ``checked`` sees
+        every result (the operator page's last-check column)."""
+        self._offset_ms = offset_ms
+        self._on_checked = checked
         self._vault = vault
         self.lease = lease
         self._scheduler = scheduler
@@ -269,6 +275,7 @@ class Leadership:
                 self.held = False
 
     def _run(self, ref: KeyRef, trigger: str, pool: str) -> CheckResult | None:
+        started = time.monotonic()
         try:
             result = self._checker.check(ref)
         except UnknownKey:
@@ -279,6 +286,11 @@ class Leadership:
             log.warning("check.failed", key=str(ref), error=exc.code, detail=exc.message)
             return None
         self._metrics.record_check(str(ref), result.verdict.value, result.reason)
+        probed = result.probes > 0
+        offset = self._offset_ms() if probed and self._offset_ms is not None else None
+        self._metrics.observe_check(time.monotonic() - started, offset)
+        if self._on_checked is not None:
+            self._on_checked(result)
         if trigger != "schedule":
             log.info("check.triggered", key=str(ref), trigger=trigger, verdict=result.label)
         if result.alert and self._alert is not None:
