@@ -545,6 +545,20 @@ class TestCheckMetrics:
         assert "backpack_vault_clock_offset_seconds_count 1.0" in text
         assert checking.activity.last_checks()[str(REF)].verdict == "VALID"
 
+    def test_retired_keys_stay_in_key_status(
+        self, checking: Daemon, vault: Vault, sandbox: SandboxAdmin
+    ) -> None:
+        """A key retired before the daemon started shows as retired, not as nothing."""
+        store_key(vault, KeyRef("main", "old"), status=Status.RETIRED, exchange=sandbox.url)
+        checking.scheduler.start()
+        try:
+            checking.hold_lease()
+            checking.sync_keys()
+        finally:
+            checking.scheduler.shutdown(wait=False)
+        text = checking.metrics.render()[0].decode()
+        assert 'backpack_vault_key_status{key="main/old",status="retired"} 1.0' in text
+
 
 class TestEvents:
     def test_a_check_caused_change_is_one_event_reaching_every_listener(

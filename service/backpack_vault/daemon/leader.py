@@ -222,6 +222,8 @@ class Leadership:
                 self._metrics.forget_key(str(gone))  # deleted from Vault: drop its status series
             self._final &= refs
             self._foreign = {ref: url for ref, url in self._foreign.items() if ref in refs}
+            for record in new:  # every key shows in key_status, retired and revoked ones too
+                self._metrics.set_key_status(str(record.ref), record.status)
             scheduled = {r.ref for r in new if self._sort(r)}
             wanted = (refs & set(self._checked)) | scheduled
             # Listing takes a while with many keys: if the lease was lost meanwhile, the jobs
