@@ -56,7 +56,13 @@ from backpack_vault.client.protocol import (
 )
 from backpack_vault.client.protocol import ref as _ref
 from backpack_vault.client.vault_auth import VaultAuth, VaultLogin, client_env
-from backpack_vault.client.watch import FINAL_STATUSES, READ_TIMEOUT_S, Watch, WatchEvent
+from backpack_vault.client.watch import (
+    FINAL_STATUSES,
+    READ_TIMEOUT_S,
+    Watch,
+    WatchEvent,
+    follow,
+)
 from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
@@ -92,7 +98,6 @@ __all__ = [
 REPORT_EVERY_S: Final = 10.0
 CONFIRM_S: Final = 3.0  # after a report, how long a request waits for the daemon's verdict
 _INFO_EVERY_S: Final = 0.5  # while no watch is connected, how often info is asked meanwhile
-_REFUSED_RETRY_S: Final = 30.0  # the daemon refused the watch (401, 403): ask again this late
 _JOIN_S: Final = 2.0
 
 
@@ -411,7 +416,7 @@ class BrokerAuth(httpx.Auth):
         watch = self.broker.watch(self.key)
         self._watch = watch
         thread = threading.Thread(
-            target=_follow,
+            target=follow,
             args=(weakref.ref(self), watch),
             name=f"backpack-vault-watch:{self.key}",
             daemon=True,
@@ -494,26 +499,3 @@ class BrokerAuth(httpx.Auth):
             if self._copy is not None and version is not None and version != self._copy.version:
                 self._copy = None  # a successor is stored under this name: fetch it next time
         return None
-
-
-def _follow(auth_ref: weakref.ref[BrokerAuth], watch: Watch) -> None:
-    """The watcher thread: feed the auth its key's events until closed, retired or dropped.
-
-    It holds the auth only while handing over an event, so an auth nobody uses
-    any more is collected, which closes its watch and ends this thread.
-    """
-    try:
-        while not watch.closed:
-            try:
-                for event in watch:
-                    auth = auth_ref()
-                    if auth is None or not auth.on_watch_event(event):
-                        return
-                    del auth
-            except ServiceError:  # the daemon refused the watch: maybe a new token later
-                if watch.wait(_REFUSED_RETRY_S):
-                    return
-    except Exception:  # noqa: BLE001, S110 - a watcher thread must never die loudly in a bot
-        pass
-    finally:
-        watch.close()

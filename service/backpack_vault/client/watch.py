@@ -22,16 +22,26 @@ import contextlib
 import json
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 import httpx
 
 from backpack_vault.errors import CallerError, NotFound, ServiceError
 
-__all__ = ["FINAL_STATUSES", "READ_TIMEOUT_S", "Watch", "WatchEvent", "parse_sse"]
+__all__ = [
+    "FINAL_STATUSES",
+    "READ_TIMEOUT_S",
+    "REFUSED_RETRY_S",
+    "Watch",
+    "WatchEvent",
+    "WatchListener",
+    "follow",
+    "parse_sse",
+]
 
 FINAL_STATUSES: Final = frozenset({"revoked", "retired"})
 BACKOFF_S: Final = (0.2, 5.0)  # the first wait before reconnecting, and the cap
@@ -202,3 +212,35 @@ def _shutdown(response: httpx.Response) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+REFUSED_RETRY_S: Final = 30.0  # the daemon refused the watch (401, 403): ask again this late
+
+
+class WatchListener(Protocol):
+    """What a watcher thread feeds: False from ``on_watch_event`` ends the watch."""
+
+    def on_watch_event(self, event: WatchEvent) -> bool: ...
+
+
+def follow(owner_ref: weakref.ref[Any], watch: Watch) -> None:
+    """The watcher thread: feed the owner its key's events until closed, retired or dropped.
+
+    It holds the owner (a ``WatchListener``) only while handing over an event, so an
+    owner nobody uses any more is collected, which closes its watch and ends this thread.
+    """
+    try:
+        while not watch.closed:
+            try:
+                for event in watch:
+                    owner: WatchListener | None = owner_ref()
+                    if owner is None or not owner.on_watch_event(event):
+                        return
+                    del owner
+            except ServiceError:  # the daemon refused the watch: maybe a new token later
+                if watch.wait(REFUSED_RETRY_S):
+                    return
+    except Exception:  # noqa: BLE001, S110 - a watcher thread must never die loudly in a bot
+        pass
+    finally:
+        watch.close()

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import Final
 
 from backpack_vault.client.broker import BrokerClient, Copy, Watch, WatchEvent
+from backpack_vault.client.watch import follow
 from backpack_vault.core.keys import KeyRef
-from backpack_vault.errors import BrokerUnavailable, ServiceError, not_usable
+from backpack_vault.errors import BrokerUnavailable, not_usable
 
 __all__ = ["CopyKeeper"]
 
 _FINAL: Final = frozenset({"revoked", "retired"})  # never handed out again by themselves
-_REFUSED_RETRY_S: Final = 30.0  # the daemon refused the watch (401, 403): ask again this late
 
 
 class CopyKeeper:
@@ -128,7 +128,7 @@ class CopyKeeper:
         self._watch = watch
         weakref.finalize(self, watch.close)  # a keeper nobody holds stops watching
         threading.Thread(
-            target=_follow,
+            target=follow,
             args=(weakref.ref(self), watch),
             name=f"backpack-vault-watch:{self.key}",
             daemon=True,
@@ -146,26 +146,3 @@ class CopyKeeper:
             elif status == "active":
                 self._cut_off = None  # a revoked key was reinstated
             return self._cut_off != "retired"  # retired is for good
-
-
-def _follow(keeper_ref: weakref.ref[CopyKeeper], watch: Watch) -> None:
-    """The watcher thread: feed the keeper its key's events until closed, retired or dropped.
-
-    It holds the keeper only while handing over an event, so a keeper nobody uses
-    any more is collected, which closes its watch and ends this thread.
-    """
-    try:
-        while not watch.closed:
-            try:
-                for event in watch:
-                    keeper = keeper_ref()
-                    if keeper is None or not keeper.on_watch_event(event):
-                        return
-                    del keeper
-            except ServiceError:  # the daemon refused the watch: maybe a new token later
-                if watch.wait(_REFUSED_RETRY_S):
-                    return
-    except Exception:  # noqa: BLE001, S110 - a watcher thread must never die loudly in a bot
-        pass
-    finally:
-        watch.close()
