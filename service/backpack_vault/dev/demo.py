@@ -24,6 +24,8 @@ from backpack_vault.errors import DevError, Interrupted, KeyNotUsable, ServiceEr
 
 __all__ = ["Demo"]
 
+CUTOFF_S = 1.0  # the daemon refuses a revoked key within this, on every replica
+
 
 class Demo:
     """The numbered steps, run against a started :class:`DevEnv`."""
@@ -157,16 +159,22 @@ class Demo:
         return Secret(str(response.json()["wrap_token"]))
 
     def cutoff(self, wrap_token: Secret) -> str:
-        refusals = []
+        refusals: list[str] = []
         for what, attempt in (
             ("copy", lambda: self.env.broker.copy(self.env.key)),
             ("sign", lambda: self._order(self.env.sign_client)),
         ):
-            try:
-                attempt()
-            except KeyNotUsable as exc:
-                refusals.append(f"{what} refused ({exc.http_status} {exc.code})")
-            else:
+
+            def refused(what: str = what, attempt: Callable[[], object] = attempt) -> bool:
+                try:
+                    attempt()
+                except KeyNotUsable as exc:
+                    refusals.append(f"{what} refused ({exc.http_status} {exc.code})")
+                    return True
+                return False
+
+            # The status is in Vault a moment before the daemon's own cascade has run.
+            if not self.env.poll(refused, timeout=CUTOFF_S, every=0.05):
                 raise DevError(f"the daemon still allowed a {what} of a revoked key")
         vault = self.env.vault_settings.addr
 

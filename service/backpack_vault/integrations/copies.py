@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Final
 
 from backpack_vault.client.broker import BrokerClient, Copy, Watch, WatchEvent
-from backpack_vault.client.watch import follow
+from backpack_vault.client.watch import FINAL_STATUSES, follow
 from backpack_vault.core.keys import KeyRef
-from backpack_vault.errors import BrokerUnavailable, not_usable
+from backpack_vault.errors import BrokerUnavailable, CopyUnavailable, not_usable
 
 __all__ = ["CopyKeeper"]
 
@@ -114,6 +114,13 @@ class CopyKeeper:
     def _fetch(self, held: Copy | None) -> Copy:
         try:
             return self.broker.copy(self.key)
+        except CopyUnavailable:
+            # The daemon revokes unclaimed copies as a key is revoked or retired: a copy
+            # that no longer unwraps most often means exactly that, so say which.
+            status = str(self.broker.info(self.key).get("status", ""))
+            if status in FINAL_STATUSES:
+                raise not_usable(str(self.key), status) from None
+            raise
         except BrokerUnavailable:
             # Keep signing with the old copy while it is valid; the daemon may be back soon.
             if held is None or held.expired(self._clock()):
