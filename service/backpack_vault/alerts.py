@@ -26,7 +26,7 @@ import structlog
 
 from backpack_vault.config import Secret
 from backpack_vault.core.verdicts import CheckResult
-from backpack_vault.events import Cause, Event, KeyStatusChanged
+from backpack_vault.events import Cause, Event, KeyRotated, KeyStatusChanged, PredecessorRetired
 
 __all__ = [
     "ADVICE",
@@ -157,9 +157,14 @@ class Webhook:
         response.raise_for_status()
 
     def on_event(self, event: Event) -> None:
-        """Listener: alert on a status change a check caused."""
+        """Listener: alert on a status change a check caused, a switch the checks made,
+        and a predecessor that may be deleted in the UI now."""
         if isinstance(event, KeyStatusChanged) and event.cause is Cause.CHECK:
             self.send(status_change_payload(event))
+        elif isinstance(event, KeyRotated) and event.cause is Cause.CHECK:
+            self.send(rotation_payload(event))
+        elif isinstance(event, PredecessorRetired):
+            self.send(predecessor_retired_payload(event))
 
     def check_alert(self, result: CheckResult) -> None:
         """Alert on a result that needs a human without changing a status (systemic, ...)."""
@@ -210,12 +215,70 @@ def status_change_payload(event: KeyStatusChanged) -> dict[str, Any]:
     }
 
 
+def rotation_payload(event: KeyRotated) -> dict[str, Any]:
+    """A switch: what the name hands out now, and what the operator does next."""
+    record = event.record
+    previous = record.previous if record else None
+    safe_at = previous.safe_at if previous else ""
+    if event.failover:
+        summary = (
+            f"{event.ref}: failover: {event.old_api_key} was revoked and the standby "
+            f"{event.new_api_key} took over; store a new standby"
+        )
+        advice = (
+            f"Create a key in the Backpack web UI and run `backpack-vault keys add {event.ref} "
+            "--standby` (or `keys generate --standby`); until then a revocation is an outage."
+        )
+    else:
+        summary = f"{event.ref}: rotated to {event.new_api_key} (was {event.old_api_key})"
+        advice = (
+            f"Delete {event.old_api_key} in the Backpack web UI after {safe_at}, when its "
+            "last copy has expired; deleting it earlier fails workers still holding it."
+        )
+    return {
+        "event": "key.failover" if event.failover else "key.rotated",
+        "key": str(event.ref),
+        "subaccount": event.ref.subaccount,
+        "name": event.ref.name,
+        "api_key": event.new_api_key,
+        "previous_api_key": event.old_api_key,
+        "new_status": "active",
+        "safe_to_delete_at": "" if event.failover else safe_at,
+        "at": record.status_since if record else "",
+        "summary": summary,
+        "advice": advice,
+    }
+
+
+def predecessor_retired_payload(event: PredecessorRetired) -> dict[str, Any]:
+    return {
+        "event": "key.predecessor_retired",
+        "key": str(event.ref),
+        "subaccount": event.ref.subaccount,
+        "name": event.ref.name,
+        "api_key": event.api_key,
+        "at": event.record.previous.since if event.record and event.record.previous else "",
+        "summary": f"{event.ref}: the old key {event.api_key} is retired: no copy of it is left",
+        "advice": f"Delete {event.api_key} in the Backpack web UI now; no worker uses it.",
+    }
+
+
 _CRITICAL: Final = frozenset({"revoked", "systemic", "secret_mismatch", "secret_invalid"})
 
 
 def _severity(payload: Mapping[str, Any]) -> str:
     critical = payload.get("new_status") == "revoked" or payload.get("reason") in _CRITICAL
-    return "critical" if critical else "warning"
+    if payload.get("event") in ("key.rotated", "key.predecessor_retired"):
+        return "info"
+    return "critical" if critical or payload.get("event") == "key.failover" else "warning"
+
+
+_ALERT_NAMES: Final = {
+    "key.status_changed": "BackpackVaultKeyStatusChanged",
+    "key.rotated": "BackpackVaultKeyRotated",
+    "key.failover": "BackpackVaultKeyFailover",
+    "key.predecessor_retired": "BackpackVaultOldKeyRetired",
+}
 
 
 def _summary(payload: Mapping[str, Any]) -> str:
@@ -239,11 +302,7 @@ def as_format(payload: Mapping[str, Any], alert_format: str) -> Any:
         return {"text": "\n".join(lines)}
     if alert_format == "alertmanager":
         labels = {
-            "alertname": (
-                "BackpackVaultKeyStatusChanged"
-                if payload.get("event") == "key.status_changed"
-                else "BackpackVaultCheckAlert"
-            ),
+            "alertname": _ALERT_NAMES.get(str(payload.get("event")), "BackpackVaultCheckAlert"),
             "severity": _severity(payload),
             "service": "backpack-vault",
             "key": str(payload.get("key", "")),

@@ -66,7 +66,7 @@ from backpack_vault.errors import (
     ServiceError,
     UnknownKey,
 )
-from backpack_vault.events import Cause, CopiesRevoked, Event, KeyStatusChanged
+from backpack_vault.events import Cause, CopiesRevoked, Event, KeyRotated, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.vault.port import VaultPort, WrapInfo
 
@@ -490,6 +490,15 @@ class _Statuses:
         self._retry_s = retry_s  # how long a failed revocation stays in the ledger for a retry
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, KeyRotated):
+            # The name points to another key: nothing cached of the old one is handed out
+            # again. After a failover the old key is revoked, so are its unclaimed copies.
+            self._keys.apply(event.ref, Status.ACTIVE)
+            self._copies.drop_spares(event.ref)
+            log.info("broker.key_rotated", key=str(event.ref), failover=event.failover)
+            if event.failover:
+                self.revoke(event.ref)
+            return
         if not isinstance(event, KeyStatusChanged):
             return
         ref, status = event.ref, event.new
@@ -673,16 +682,21 @@ class Broker:
     def copy(self, token: Secret | None, ref: KeyRef) -> Handout:
         """A single-use wrapped copy of an active key, for a token granted ``read`` on copy."""
         identity = self._grants.require(token, ref, COPY)
-        loaded, generation = self._usable(ref)
         self._copies.handed_out(ref)
-        wrapped = self._copies.take_spare(ref, loaded.record.version, generation)
-        if wrapped is None:
-            wrapped = self._wrap(ref, loaded, generation)
-        try:
-            self._check_unchanged(ref, generation)
-        except KeyNotUsable:  # revoked or retired while we were wrapping: no copy survives it
-            self.revoke_outstanding(ref)
-            raise
+        for attempt in range(2):
+            loaded, generation = self._usable(ref)
+            spare = self._copies.take_spare(ref, loaded.record.version, generation)
+            wrapped = spare if spare is not None else self._wrap(ref, loaded, generation)
+            try:
+                self._check_unchanged(ref, generation)
+            except KeyNotUsable:  # revoked or retired while we were wrapping: no copy survives it
+                self.revoke_outstanding(ref)
+                raise
+            if attempt or self._keys.set_since(ref, generation) is None:
+                break
+            # The name switched to another key while we wrapped (a rotation or a failover):
+            # this copy may hold the old key. It is revoked, and the copy made again.
+            self._discard(ref, wrapped)
         age = max(0, int(self._clock() - wrapped.made_at))
         return Handout(
             key=ref,
@@ -693,6 +707,12 @@ class Broker:
             version=wrapped.version,
             identity=identity,
         )
+
+    def _discard(self, ref: KeyRef, wrapped: _Wrapped) -> None:
+        try:
+            self._vault.revoke_accessor(wrapped.info.accessor)
+        except ServiceError as exc:  # it stays in the ledger: revoked with the key if need be
+            log.warning("broker.revoke_failed", key=str(ref), error=exc.code)
 
     def _wrap(self, ref: KeyRef, loaded: _Loaded, generation: int) -> _Wrapped:
         """Wrap a copy at Vault and record its accessor in the ledger."""

@@ -67,6 +67,7 @@ from backpack_vault.core.keys import (
     Status,
     same_exchange,
 )
+from backpack_vault.core.rotation import Role
 from backpack_vault.core.verdicts import CheckResult, ProbeResponse, Rule, Verdict, classify
 from backpack_vault.errors import InvalidInput, KeyMismatch, ServiceError, UnknownKey, WriteConflict
 from backpack_vault.events import Cause, KeyStatusChanged, Listener
@@ -142,6 +143,7 @@ class Checked:
 
     result: CheckResult
     foreign: str = ""
+    record: KeyRecord | None = None  # the key as the check read it (None: not read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +273,21 @@ class _Evaluator:
             row=result.row,
             http_status=result.http_status,
             code=result.code,
+            probes=result.probes,
+        )
+        return _Evaluated(result, record, outcome.sandbox)
+
+    def evaluate_pair(self, record: KeyRecord, secret: Secret, *, confirm: bool) -> _Evaluated:
+        """Probe a pair that is not the name's current key (its successor or standby)."""
+        outcome = _Outcome(record.ref)
+        result = self._evaluate_record(record, secret, outcome, confirm=confirm)
+        log.info(
+            "check.verdict",
+            key=str(record.ref),
+            api_key=record.api_key,
+            verdict=result.verdict.value,
+            reason=result.reason,
+            row=result.row,
             probes=result.probes,
         )
         return _Evaluated(result, record, outcome.sandbox)
@@ -502,7 +519,12 @@ class Checker:
         remeasure_s: float = REMEASURE_S,
         recent_s: float = RECENT_S,
         max_controls: int = MAX_CONTROLS,
+        failover: Callable[[KeyRecord, CheckResult], KeyRecord | None] | None = None,
     ) -> None:
+        """``failover`` is asked, when a confirmed rejection would revoke a key whose
+        standby is ready, to switch the name to the standby instead (``rotation.py``);
+        it returns the switched record, or None when the standby did not take over."""
+        self._failover = failover
         self._vault = vault
         self._clock = clock
         self.exchange_url = exchange.base_url
@@ -533,6 +555,17 @@ class Checker:
         """Check one key, and say why its verdict was not written when it must not be."""
         valids_before = self._memory.valids
         return self._finish(self._evaluator.evaluate(ref), valids_before)
+
+    def probe_pair(self, record: KeyRecord, secret: Secret, *, confirm: bool = False) -> Checked:
+        """Probe a key that is not (yet) its name's current one: a successor or a standby.
+
+        ``record`` describes that key. Nothing is written and nothing is remembered for
+        the cross-check; a foreign answer is said, as for any check.
+        """
+        evaluated = self._evaluator.evaluate_pair(record, secret, confirm=confirm)
+        return Checked(
+            evaluated.result, self.foreign(record, sandbox=evaluated.sandbox), evaluated.record
+        )
 
     def check_many(self, refs: Iterable[KeyRef], *, concurrency: int = 1) -> list[CheckResult]:
         """Check several keys (a sweep); Vault errors become UNKNOWN, deleted keys drop out.
@@ -781,7 +814,7 @@ class Checker:
         foreign = self.foreign(record, sandbox=evaluated.sandbox)
         if foreign:
             log.warning("check.not_written", key=str(record.ref), verdict=result.label, why=foreign)
-            return Checked(result, foreign)
+            return Checked(result, foreign, record)
         why = ""
         if record.status is Status.ACTIVE:
             result, why = self._judge(result, valids_before)
@@ -789,7 +822,8 @@ class Checker:
             self._valid(record.ref)
         elif record.status not in _PROBED:
             self._memory.forget(record.ref)
-        return Checked(self._settle(record, result, why))
+        settled, after = self._settle(record, result, why)
+        return Checked(settled, "", after)
 
     def _remember(self, evaluated: _Evaluated) -> None:
         """What a sweep saw of an active key of this exchange, before any guard runs."""
@@ -817,8 +851,14 @@ class Checker:
 
     # -- the only Vault write ---------------------------------------------------------------
 
-    def _settle(self, record: KeyRecord, result: CheckResult, why: str) -> CheckResult:
-        """Write the status when the verdict changes it; emit the change once."""
+    def _settle(
+        self, record: KeyRecord, result: CheckResult, why: str
+    ) -> tuple[CheckResult, KeyRecord]:
+        """Write the status when the verdict changes it; emit the change once.
+
+        A confirmed rejection of a key whose standby is ready is a failover instead:
+        the standby takes the name over, and the old key is revoked in the same write.
+        """
         old = record.status
         new: Status | None = None
         if result.verdict is Verdict.VALID and old is Status.PENDING:
@@ -826,7 +866,12 @@ class Checker:
         elif result.verdict is Verdict.REJECTED and old is Status.ACTIVE:
             new = Status.REVOKED
         if new is None:
-            return result
+            return result, record
+        if new is Status.REVOKED and self._failover is not None and _standby_ready(record):
+            switched = self._failover(record, result)
+            if switched is not None:
+                self._memory.forget(record.ref)
+                return replace(result, reason=f"{result.reason}; failover"), switched
         try:
             updated = self._vault.set_status(
                 record.ref,
@@ -839,7 +884,7 @@ class Checker:
             )
         except WriteConflict as exc:
             log.warning("check.status_conflict", key=str(record.ref), error=exc.message)
-            return result
+            return result, record
         result = replace(result, new_status=new)
         if new is Status.REVOKED:
             self._memory.no_control(record.ref, self._clock())
@@ -862,7 +907,12 @@ class Checker:
                 log.error(  # noqa: TRY400
                     "check.on_change_failed", key=str(record.ref), error=type(exc).__name__
                 )
-        return result
+        return result, updated
+
+
+def _standby_ready(record: KeyRecord) -> bool:
+    nxt = record.next
+    return nxt is not None and nxt.role is Role.STANDBY and nxt.ready
 
 
 def _unconfirmed(result: CheckResult) -> CheckResult:

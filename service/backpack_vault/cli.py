@@ -25,6 +25,7 @@ from backpack_vault import __version__
 from backpack_vault.config import Secret, Settings, load_from_os, read_secret_file
 from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.keys import (
+    KeyPair,
     KeyRecord,
     KeyRef,
     Origin,
@@ -32,6 +33,7 @@ from backpack_vault.core.keys import (
     generate_pair,
     parse_key_pair,
 )
+from backpack_vault.core.rotation import NextKey, NextState, Role
 from backpack_vault.errors import (
     ConfigError,
     ExchangeUnavailable,
@@ -152,13 +154,39 @@ def _read_secret(secret_file: Path | None) -> Secret:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Read the API secret from this file instead of stdin.",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Store it as the standby of an existing SUB/NAME: it takes over when the current "
+    "key is revoked.",
+)
 @pass_ctx
 @handle_errors
 def keys_add(
-    ctx: Context, key: KeyRef, api_key: str, read_only: bool, label: str, secret_file: Path | None
+    ctx: Context,
+    key: KeyRef,
+    api_key: str,
+    read_only: bool,
+    label: str,
+    secret_file: Path | None,
+    standby: bool,
 ) -> None:
     """Store a key created in the Backpack web UI. The secret comes from stdin or a file."""
     pair = parse_key_pair(api_key, _read_secret(secret_file))
+    if standby:
+        vault = ctx.vault()
+        current = vault.read_record(key)
+        if current.read_only != read_only:
+            mode = "read-only" if current.read_only else "trading (not read-only)"
+            raise InvalidInput(
+                f"{key} is {mode}: its standby must match, or a failover would change what "
+                "the name can do; "
+                + ("add --read-only" if current.read_only else "drop --read-only")
+            )
+        stored = _store_next(vault, key, pair, Role.STANDBY, Origin.BACKPACK_UI, read_only)
+        click.echo(f"stored a standby for {stored.ref} ({pair.api_key}): ready once a check")
+        click.echo("sees Backpack accept it; it takes over if the current key is revoked")
+        return
     record = KeyRecord.new(
         key,
         pair.api_key,
@@ -175,28 +203,115 @@ def keys_add(
 @click.argument("key", callback=key_ref, metavar="SUB/NAME")
 @click.option("--read-only", is_flag=True, help="You will switch Read Only on in the web UI.")
 @click.option("--label", default="", help="A note for operators.")
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Make the standby of an existing SUB/NAME (Read Only as the current key's).",
+)
 @pass_ctx
 @handle_errors
-def keys_generate(ctx: Context, key: KeyRef, read_only: bool, label: str) -> None:
+def keys_generate(ctx: Context, key: KeyRef, read_only: bool, label: str, standby: bool) -> None:
     """Make a key pair here; the secret goes straight into Vault, the public key to you."""
     pair = generate_pair()
+    if standby:
+        vault = ctx.vault()
+        read_only = vault.read_record(key).read_only
+        _store_next(vault, key, pair, Role.STANDBY, Origin.GENERATED, read_only)
+        click.echo(pair.api_key)
+        click.echo(_ui_steps(key, read_only, "Stored a standby for"), err=True)
+        click.echo(
+            "The standby is ready once a check sees Backpack accept it; it takes over\n"
+            "within one check interval when the current key is revoked.",
+            err=True,
+        )
+        return
     record = KeyRecord.new(
         key, pair.api_key, origin=Origin.GENERATED, now=now_iso(), read_only=read_only, label=label
     )
     ctx.vault().create_key(record, pair.secret)
-    read_only_step = "switch Read Only ON" if read_only else "leave Read Only OFF"
-    where = " (the main account)" if key.subaccount == "main" else ""
     click.echo(pair.api_key)
     click.echo(
-        f"""
-Stored {key} as pending. Now, in the Backpack web UI
+        _ui_steps(key, read_only, "Stored", "as pending")
+        + f"""
+The key becomes active when a check sees Backpack accept it:
+  backpack-vault keys check {key}""",
+        err=True,
+    )
+
+
+def _ui_steps(key: KeyRef, read_only: bool, stored: str, state: str = "") -> str:
+    """What to do in the Backpack web UI with a key pair made here."""
+    read_only_step = "switch Read Only ON" if read_only else "leave Read Only OFF"
+    where = " (the main account)" if key.subaccount == "main" else ""
+    return f"""
+{stored} {key}{" " + state if state else ""}. Now, in the Backpack web UI
 (https://backpack.exchange/portfolio/settings/api-keys):
   1. New API Key; name it (e.g. {key.name}).
   2. Choose the sub-account {key.subaccount!r}{where}.
   3. Paste the public key above into the "Public Key" field.
-  4. {read_only_step}, then create the key.
-The key becomes active when a check sees Backpack accept it:
-  backpack-vault keys check {key}""",
+  4. {read_only_step}, then create the key."""
+
+
+def _store_next(
+    vault: Vault, key: KeyRef, pair: KeyPair, role: Role, origin: Origin, read_only: bool
+) -> KeyRecord:
+    nxt = NextKey(
+        api_key=pair.api_key,
+        role=role,
+        state=NextState.PENDING,
+        read_only=read_only,
+        origin=origin.value,
+        created_at=now_iso(),
+        created_by=_operator(vault),
+    )
+    return vault.store_next(key, nxt, pair.secret)
+
+
+@keys.command("rotate")
+@click.argument("key", callback=key_ref, metavar="SUB/NAME")
+@click.option("--abort", is_flag=True, help="Drop a successor (or standby) not yet in use.")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON output.")
+@pass_ctx
+@handle_errors
+def keys_rotate(ctx: Context, key: KeyRef, abort: bool, as_json: bool) -> None:
+    """Make a successor under the same name; it takes over once Backpack accepts it.
+
+    Until then workers keep the current key. Then the name switches in one write, the
+    old key is retiring until its last copy expires, and then retired: delete it in the
+    web UI once `keys show` says it is safe.
+    """
+    vault = ctx.vault()
+    if abort:
+        current = vault.read_record(key)
+        dropped = current.next
+        vault.drop_next(key)
+        if as_json:
+            gone = dropped.as_public_dict() if dropped else None
+            click.echo(json.dumps({"name": str(key), "dropped": gone}, indent=2))
+        elif dropped is None:
+            click.echo(f"{key} has no successor or standby: nothing to drop")
+        else:
+            click.echo(
+                f"dropped the {dropped.role} {dropped.api_key} of {key}; nothing else changed"
+            )
+            click.echo("if you registered it in the Backpack web UI, delete it there", err=True)
+        return
+    current = vault.read_record(key)
+    pair = generate_pair()
+    _store_next(vault, key, pair, Role.SUCCESSOR, Origin.GENERATED, current.read_only)
+    if as_json:
+        out = {"api_key": pair.api_key, "name": str(key), "status": NextState.PENDING.value}
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(pair.api_key)
+    click.echo(
+        _ui_steps(key, current.read_only, "Stored a successor for", "as pending")
+        + f"""
+Workers keep the current key ({current.api_key}) until a check sees Backpack
+accept the new one; then {key} switches to it, and the old key is retiring
+until its last copy expires. Delete the old key in the web UI when
+`backpack-vault keys show {key}` says it is safe. To give up:
+  backpack-vault keys rotate {key} --abort""",
         err=True,
     )
 
@@ -235,8 +350,38 @@ def keys_show(ctx: Context, key: KeyRef, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return
+    nxt, previous, history = shown.pop("next"), shown.pop("previous"), shown.pop("history")
     for name, value in shown.items():
         click.echo(f"{name + ':':<16} {_human(value)}")
+    if isinstance(nxt, dict):
+        click.echo(f"{nxt['role']}:")
+        for name in ("api_key", "status", "read_only", "created_at", "created_by", "last_verdict"):
+            click.echo(f"  {name + ':':<14} {_human(nxt.get(name))}")
+    if isinstance(previous, dict):
+        click.echo("previous key:")
+        for name in ("api_key", "status", "since", "safe_to_delete_at", "reason"):
+            click.echo(f"  {name + ':':<14} {_human(previous.get(name))}")
+        click.echo(f"  {_delete_advice(previous)}")
+    if isinstance(history, list) and history:
+        click.echo("history:")
+        for entry in history:
+            line = f"  {entry['at']}  {entry['event']:<9} {entry['api_key']}"
+            if entry.get("previous"):
+                line += f" (was {entry['previous']})"
+            click.echo(line)
+
+
+def _delete_advice(previous: dict[str, object]) -> str:
+    """When the operator may delete the previous key in the Backpack web UI."""
+    status = previous.get("status")
+    if status == "retiring":
+        return (
+            f"delete it in the Backpack web UI after {previous.get('safe_to_delete_at')} "
+            "(its last copy expires then)"
+        )
+    if status == "retired":
+        return "no copy of it is left: delete it in the Backpack web UI now"
+    return "it was revoked: delete it in the Backpack web UI if it is still listed there"
 
 
 def _human(value: object) -> str:

@@ -4,7 +4,7 @@
 
     checks (a verdict changed the status)  --\
     broker (a read found a change made elsewhere) --> EventBus.emit --> broker (caches, ledger)
-    cli / operator actions (later: a change feed)  --/                --> metrics
+    rotation (a switch to the next key: KeyRotated) -/                --> metrics
                                                                       --> webhook alerts
                                                                       --> watchers
 
@@ -23,7 +23,16 @@ from backpack_vault.core.keys import KeyRecord, KeyRef, Status
 from backpack_vault.core.verdicts import CheckResult
 from backpack_vault.logging import get_logger
 
-__all__ = ["Cause", "CopiesRevoked", "Event", "EventBus", "KeyStatusChanged", "Listener"]
+__all__ = [
+    "Cause",
+    "CopiesRevoked",
+    "Event",
+    "EventBus",
+    "KeyRotated",
+    "KeyStatusChanged",
+    "Listener",
+    "PredecessorRetired",
+]
 
 log = get_logger("backpack_vault.events")
 
@@ -56,7 +65,33 @@ class CopiesRevoked:
     count: int
 
 
-Event = KeyStatusChanged | CopiesRevoked
+@dataclass(frozen=True, slots=True)
+class KeyRotated:
+    """``ref`` now hands out ``new_api_key`` instead of ``old_api_key``.
+
+    A rotation (the successor was accepted) leaves the old key retiring; a failover (the
+    current key was revoked and its standby took over) leaves it revoked, and its
+    unclaimed copies are revoked with it.
+    """
+
+    ref: KeyRef
+    old_api_key: str
+    new_api_key: str
+    failover: bool
+    cause: Cause
+    record: KeyRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PredecessorRetired:
+    """The key ``ref`` replaced has no copy left: deleting it in the Backpack UI is safe."""
+
+    ref: KeyRef
+    api_key: str
+    record: KeyRecord | None = None
+
+
+Event = KeyStatusChanged | CopiesRevoked | KeyRotated | PredecessorRetired
 Listener = Callable[[Event], None]
 
 
@@ -80,6 +115,15 @@ class EventBus:
                 key=str(event.ref),
                 old=event.old.value if event.old else None,
                 new=event.new.value,
+                cause=event.cause.value,
+            )
+        elif isinstance(event, KeyRotated):
+            log.info(
+                "key.rotated",
+                key=str(event.ref),
+                api_key=event.new_api_key,
+                previous=event.old_api_key,
+                failover=event.failover,
                 cause=event.cause.value,
             )
         for listener in listeners:

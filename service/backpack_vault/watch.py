@@ -13,6 +13,7 @@ A stream, frame by frame::
                                    the key's changes after Last-Event-ID, if the feed has them
     id: 42  event: status   data: {"at":...,"key":...,"seq":42,"status":"retired"}   the truth now
     id: 43  event: revoked  data: {...}                                              each change
+    id: 44  event: rotated  data: {"api_key":...,"status":"active","version":3,...}   a switch
     event: heartbeat  data: {}                                       every heartbeat_s without one
 
 Ids are the change feed's ``seq``, which outlives a daemon restart, so a client
@@ -58,7 +59,10 @@ HEARTBEAT: Final = frame("heartbeat", {})
 
 
 def change_frame(change: Change) -> bytes:
-    """``id: <seq>``, ``event: <status>`` and the change itself."""
+    """``id: <seq>``, ``event: <status>`` (or ``rotated``) and the change itself.
+
+    A ``rotated`` frame also names the public key the name now hands out and its version.
+    """
     data: dict[str, object] = {
         "key": str(change.ref),
         "status": change.status.value,
@@ -67,7 +71,9 @@ def change_frame(change: Change) -> bytes:
     }
     if change.deleted:
         data["deleted"] = True
-    return frame(change.status.value, data, event_id=change.seq)
+    if change.event:
+        data |= {"api_key": change.api_key, "version": change.version}
+    return frame(change.name, data, event_id=change.seq)
 
 
 class _Signal:

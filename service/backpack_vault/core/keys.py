@@ -9,6 +9,9 @@ Lifecycle::
 
 Revoked and retired keys are never handed out; only ``keys reinstate`` brings a
 revoked key back. Each key records the exchange it belongs to.
+
+A name may also hold a successor or a standby, and remember the key its last
+switch replaced (``core/rotation.py``): ``KeyRecord.next``, ``.previous``, ``.history``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ import nacl.exceptions
 import nacl.signing
 
 from backpack_vault.config import Secret
+from backpack_vault.core.rotation import (
+    NEXT_FIELDS,
+    PREVIOUS_FIELDS,
+    HistoryEntry,
+    NextKey,
+    Predecessor,
+    Role,
+    history_from_metadata,
+    history_patch,
+)
 from backpack_vault.errors import InvalidInput, KeyMismatch, KeyNotUsable
 
 __all__ = [
@@ -34,11 +47,14 @@ __all__ = [
     "Origin",
     "Status",
     "generate_pair",
+    "next_refusal",
     "normalize_exchange",
     "parse_api_key",
     "parse_key_pair",
     "parse_seed",
+    "retire_predecessor_patch",
     "same_exchange",
+    "switch_patch",
 ]
 
 # Backpack's production REST API: the exchange a key belongs to unless it says otherwise.
@@ -219,6 +235,9 @@ class KeyRecord:
     exchange: str = PRODUCTION_EXCHANGE
     status_reason: str = ""  # why the status last changed: a verdict, or the operator's words
     status_by: str = ""  # who changed it: a Vault identity, or "check"
+    next: NextKey | None = None  # a successor (pending) or a standby (core/rotation.py)
+    previous: Predecessor | None = None  # the key the last switch replaced
+    history: tuple[HistoryEntry, ...] = ()  # rotations, failovers, retirements; oldest first
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -236,6 +255,12 @@ class KeyRecord:
             "status_reason": self.status_reason,
             "status_by": self.status_by,
         }
+        if self.next is not None:
+            meta |= self.next.to_metadata()
+        if self.previous is not None:
+            meta |= self.previous.to_metadata()
+        for i, entry in enumerate(self.history):
+            meta[f"history.{i:02d}"] = entry.encode()
         # Vault refuses empty custom_metadata values; absent means empty.
         return {k: v for k, v in meta.items() if v}
 
@@ -258,6 +283,9 @@ class KeyRecord:
                 exchange=meta.get("exchange") or PRODUCTION_EXCHANGE,
                 status_reason=meta.get("status_reason", ""),
                 status_by=meta.get("status_by", ""),
+                next=NextKey.from_metadata(meta),
+                previous=Predecessor.from_metadata(meta),
+                history=history_from_metadata(meta),
             )
         except (KeyError, ValueError):
             return None
@@ -324,4 +352,104 @@ class KeyRecord:
             "exchange": self.exchange,
             "status_reason": self.status_reason,
             "status_by": self.status_by,
+            "next": self.next.as_public_dict() if self.next else None,
+            "previous": self.previous.as_public_dict() if self.previous else None,
+            "history": [entry.as_public_dict() for entry in self.history],
         }
+
+
+# -- switching a name to its next key (core/rotation.py) -------------------------------------
+
+RETIRING: Final = "retiring"  # a predecessor's status: no handouts, copies still out
+RETIRED: Final = "retired"
+
+
+def next_refusal(record: KeyRecord, role: Role) -> str:
+    """Why ``record`` cannot take a successor or standby now ("" when it can)."""
+    if record.status is Status.INCOMPLETE:
+        return "its metadata is incomplete: retire it and store the key again"
+    if record.status is Status.RETIRED:
+        return "it is retired"
+    if role is Role.SUCCESSOR and record.status is not Status.ACTIVE:
+        return f"it is {record.status}: only an active key is rotated"
+    if record.next is not None:
+        what = "a successor" if record.next.role is Role.SUCCESSOR else "a standby"
+        return (
+            f"it already has {what} ({record.next.api_key}, {record.next.state}); drop it "
+            f"with `backpack-vault keys rotate {record.ref} --abort` first"
+        )
+    return ""
+
+
+def switch_patch(
+    record: KeyRecord,
+    *,
+    now: str,
+    failover: bool,
+    safe_at: str,
+    verdict: str,
+    actor: str,
+) -> dict[str, str | None]:
+    """The metadata merge patch that makes ``record``'s next key the current one.
+
+    A rotation leaves the old key ``retiring`` until ``safe_at`` (its last copy has
+    expired); a failover leaves it ``revoked``. The next key's fields go, and the
+    switch is appended to the history.
+    """
+    nxt = record.next
+    if nxt is None:
+        raise ValueError(f"{record.ref} has no next key")
+    event = "failover" if failover else "rotated"
+    reason = (
+        f"{verdict}: the standby took over from a revoked key"
+        if failover
+        else f"{verdict}: the successor took over"
+    )
+    previous = Predecessor(
+        api_key=record.api_key,
+        status=Status.REVOKED.value if failover else RETIRING,
+        since=now,
+        version=record.version,
+        safe_at="" if failover else safe_at,
+        reason=reason,
+    )
+    patch: dict[str, str | None] = dict.fromkeys(NEXT_FIELDS)
+    patch |= dict.fromkeys(PREVIOUS_FIELDS)
+    patch |= {
+        "api_key": nxt.api_key,
+        "read_only": "true" if nxt.read_only else "false",
+        "origin": nxt.origin or Origin.GENERATED.value,
+        "created_at": nxt.created_at or now,
+        "status": Status.ACTIVE.value,
+        "status_since": now,
+        "status_reason": reason,
+        "status_by": actor or None,
+        "last_verdict": verdict or None,
+        "last_checked_at": now,
+    }
+    patch |= previous.to_metadata()
+    note = f"safe to delete the old key in the Backpack UI from {safe_at}" if safe_at else ""
+    if failover:
+        note = "the old key was revoked; store a new standby (keys add --standby)"
+    entry = HistoryEntry(
+        at=now, event=event, api_key=nxt.api_key, previous=record.api_key, by=actor, note=note
+    )
+    return patch | history_patch(record.history, entry)
+
+
+def retire_predecessor_patch(record: KeyRecord, *, now: str, actor: str) -> dict[str, str | None]:
+    """The patch that moves a retiring predecessor to retired, with its history entry."""
+    previous = record.previous
+    if previous is None:
+        raise ValueError(f"{record.ref} has no predecessor")
+    entry = HistoryEntry(
+        at=now,
+        event="retired",
+        api_key=previous.api_key,
+        by=actor,
+        note="its last copy has expired: delete it in the Backpack UI",
+    )
+    return {
+        "previous_status": RETIRED,
+        "previous_since": now,
+    } | history_patch(record.history, entry)

@@ -67,6 +67,7 @@ from backpack_vault.errors import ServiceError
 from backpack_vault.events import Cause, CopiesRevoked, Event, EventBus, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import Metrics
+from backpack_vault.rotation import Rotator
 from backpack_vault.ui import create_ui
 from backpack_vault.ui.source import Activity, DaemonSource
 from backpack_vault.vault.client import Vault
@@ -196,6 +197,15 @@ class Daemon:
             budget=RequestBudget(checks.subaccount_budget_per_minute),
             emit=self.events.emit,
             confirm_delay_s=confirm_delay_s,
+            # The rotator is made next, with this checker: the lambda finds it when called.
+            failover=lambda record, result: self.rotator.failover(record, result),  # noqa: PLW0108
+        )
+        self.rotator = Rotator(
+            self.vault,
+            self.checker,
+            copy_ttl_s=self.settings.broker.copy_ttl,
+            emit=self.events.emit,
+            clock=clock,
         )
         self.leadership = Leadership(
             self.vault,
@@ -208,6 +218,7 @@ class Daemon:
             alert=self.webhook.check_alert if self.webhook else None,
             offset_ms=lambda: self.exchange.offset_ms,
             checked=self._checked,
+            rotator=self.rotator,
         )
 
     def _checked(self, result: CheckResult) -> None:

@@ -15,7 +15,8 @@ revoke`` reaches every replica within one interval plus a read or two::
                                                      per key changed: read its record, emit
                                                      KeyStatusChanged(OBSERVED) (DELETED when
                                                      the key is gone) -> broker drops caches and,
-                                                     for a final status, revokes unclaimed copies
+                                                     for a final status, revokes unclaimed copies;
+                                                     a "rotated" entry: KeyRotated(OBSERVED)
              --our seq pruned, or the feed restarted-> recheck(): every key this replica holds
              --Vault error--------------------------> logged once; the seq stays; next tick
 
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 from backpack_vault.core.keys import KeyRef, Status
 from backpack_vault.errors import ServiceError, UnknownKey
-from backpack_vault.events import Cause, Event, KeyStatusChanged
+from backpack_vault.events import Cause, Event, KeyRotated, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.vault.port import Change, VaultPort
 
@@ -122,23 +123,32 @@ class FeedPoller:
         which does no harm (the broker applies an event twice as once).
         """
         latest: dict[KeyRef, Change] = {}
+        rotated: set[KeyRef] = set()
         for change in changes:
             latest.pop(change.ref, None)
             latest[change.ref] = change  # in the order of each key's last change
+            if change.event == "rotated":
+                rotated.add(change.ref)
         for ref in latest:
             try:
-                event = self._event_for(ref)
+                event = self._event_for(ref, rotated=ref in rotated)
             except ServiceError as exc:
                 self._failed("read_record", exc, key=str(ref))
                 return False
             self._emit(event)
         return True
 
-    def _event_for(self, ref: KeyRef) -> KeyStatusChanged:
+    def _event_for(self, ref: KeyRef, *, rotated: bool) -> Event:
         try:
             record = self._vault.read_record(ref)
         except UnknownKey:
             return KeyStatusChanged(ref, None, Status.RETIRED, Cause.DELETED)
+        previous = record.previous
+        if rotated and previous is not None and record.status is Status.ACTIVE:
+            failover = previous.status == Status.REVOKED.value
+            return KeyRotated(
+                ref, previous.api_key, record.api_key, failover, Cause.OBSERVED, record=record
+            )
         return KeyStatusChanged(ref, None, record.status, Cause.OBSERVED, record=record)
 
     def _failed(self, step: str, exc: ServiceError, **context: str) -> None:

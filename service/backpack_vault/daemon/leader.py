@@ -10,8 +10,10 @@
                    interval (a revoked key may be reinstated)
     on_event()     listener: a status written elsewhere (CLI, another replica) schedules
                    or unschedules the key at once
-    run_check()    the check job of one key: verdict -> metrics; a final key leaves the
-                   schedule; a systemic or unconfirmed verdict is re-checked soon
+    run_check()    the check job of one key: verdict -> metrics -> the rotation step
+                   (rotation.py: a successor accepted, a standby ready, a predecessor
+                   retired); a final key leaves the schedule unless its ready standby is
+                   still to take over; a systemic or unconfirmed verdict is re-checked soon
 
 Re-checks: a verdict the checker could not settle (``checks.UNRESOLVED``: systemic,
 unconfirmed rejection) brings a one-shot re-check of that key after 2 s, then 4, 8, ...
@@ -33,12 +35,14 @@ from collections.abc import Callable, Iterable
 
 from backpack_vault.checks import UNRESOLVED, Checker
 from backpack_vault.core.keys import KeyRecord, KeyRef, Status
+from backpack_vault.core.rotation import Role
 from backpack_vault.core.verdicts import CheckResult, Verdict
 from backpack_vault.daemon.jobs import Scheduler
 from backpack_vault.errors import ServiceError, UnknownKey, WriteConflict
 from backpack_vault.events import Cause, Event, KeyStatusChanged
 from backpack_vault.logging import get_logger
 from backpack_vault.metrics import Metrics
+from backpack_vault.rotation import Rotator
 from backpack_vault.vault.port import VaultPort
 
 __all__ = ["Leadership", "Lease"]
@@ -158,12 +162,14 @@ class Leadership:
         clock: Callable[[], float] = time.monotonic,
         offset_ms: Callable[[], int] | None = None,
         checked: Callable[[CheckResult], None] | None = None,
+        rotator: Rotator | None = None,
     ) -> None:
         """``alert`` receives results that need a human without changing a status;
         ``offset_ms`` reads the exchange's clock offset after a check; ``checked`` sees
         every result (the operator page's last-check column)."""
         self._offset_ms = offset_ms
         self._on_checked = checked
+        self._rotator = rotator
         self._vault = vault
         self.lease = lease
         self._scheduler = scheduler
@@ -252,6 +258,12 @@ class Leadership:
                 self.unschedule(ref)
                 self._final.discard(ref)
                 self._foreign.pop(ref, None)
+            elif event.new in _NEVER_CHECKED and _standby_waits(event.record):
+                # Revoked by an operator, with a standby ready: it takes over now.
+                self._final.discard(ref)
+                self._scheduler.run_soon(
+                    self.run_check, job_id=f"failover:{ref}", args=(ref, "failover")
+                )
             elif event.new in _NEVER_CHECKED:
                 self.unschedule(ref)
                 self._final.add(ref)
@@ -279,7 +291,7 @@ class Leadership:
     def _run(self, ref: KeyRef, trigger: str, pool: str) -> CheckResult | None:
         started = time.monotonic()
         try:
-            result = self._checker.check(ref)
+            checked = self._checker.examine(ref)
         except UnknownKey:
             log.info("check.key_gone", key=str(ref))
             self.unschedule(ref)
@@ -287,6 +299,7 @@ class Leadership:
         except ServiceError as exc:
             log.warning("check.failed", key=str(ref), error=exc.code, detail=exc.message)
             return None
+        result, record = checked.result, checked.record
         self._metrics.record_check(str(ref), result.verdict.value, result.reason)
         probed = result.probes > 0
         offset = self._offset_ms() if probed and self._offset_ms is not None else None
@@ -301,8 +314,18 @@ class Leadership:
             # Unchanged: the gauge shows what the check saw. A change reaches the gauge as
             # a KeyStatusChanged event.
             self._metrics.set_key_status(str(ref), result.old_status)
-        status = result.new_status or result.old_status
-        if status is not None and status.final:  # revoked here, or retired elsewhere
+        if record is not None and not checked.foreign:
+            record = self._advance(record)
+        self._file(ref, result, record, pool)
+        return result
+
+    def _file(self, ref: KeyRef, result: CheckResult, record: KeyRecord | None, pool: str) -> None:
+        """After a check: off the schedule, a re-check soon, or the regular next check."""
+        # The record is the key after the check (and after a switch, active again).
+        status = record.status if record is not None else result.new_status or result.old_status
+        if status is not None and status.final and _standby_waits(record):
+            self._schedule_one(ref)  # a standby that did not take over yet is tried again
+        elif status is not None and status.final:  # revoked here, or retired elsewhere
             with self._lock:
                 self.unschedule(ref)
                 self._final.add(ref)
@@ -312,7 +335,26 @@ class Leadership:
             with self._lock:
                 self._backoff.pop(ref, None)
                 self._scheduler.remove_job(_recheck_id(ref))
-        return result
+
+    def _advance(self, record: KeyRecord) -> KeyRecord:
+        """The rotation step after a key's check: a switch, a standby ready, a retirement."""
+        if self._rotator is None or (record.next is None and record.previous is None):
+            return record
+        try:
+            done = self._rotator.advance(record)
+            if not done:
+                return record
+            log.info("rotation.advanced", key=str(record.ref), step=done)
+            return self._vault.read_record(record.ref)
+        except ServiceError as exc:
+            log.warning("rotation.failed", key=str(record.ref), error=exc.code, detail=exc.message)
+            return record
+
+    def _schedule_one(self, ref: KeyRef) -> None:
+        with self._lock:
+            self._final.discard(ref)
+            if self.held and ref not in self._checked:
+                self._schedule_exactly({*self._checked, ref})
 
     def _recheck_later(self, ref: KeyRef, pool: str) -> None:
         """One re-check of ``ref`` after the key's current delay (2 s, doubling)."""
@@ -341,14 +383,14 @@ class Leadership:
     def _sort(self, record: KeyRecord) -> bool:
         """File a key read from Vault (under the lock); True when it is to be checked."""
         ref = record.ref
-        if record.status in _NEVER_CHECKED:
+        if record.status in _NEVER_CHECKED and not _standby_waits(record):
             self._final.add(ref)
             self._foreign.pop(ref, None)
             return False
         self._final.discard(ref)
         if not self._checker.foreign(record):
             self._foreign.pop(ref, None)
-            return record.status in _SCHEDULED
+            return record.status in _SCHEDULED or _standby_waits(record)
         if self._foreign.get(ref) != record.exchange:
             # Its verdicts here could never be written: it is not probed at all.
             log.warning(
@@ -393,6 +435,13 @@ class Leadership:
             return self._vault.read_record(ref)
         except UnknownKey:  # deleted between the listing and the read
             return None
+
+
+def _standby_waits(record: KeyRecord | None) -> bool:
+    """A revoked key whose ready standby has not taken over yet: it is checked, to fail over."""
+    if record is None or record.status is not Status.REVOKED or record.next is None:
+        return False
+    return record.next.role is Role.STANDBY and record.next.ready
 
 
 def _recheck_id(ref: KeyRef) -> str:

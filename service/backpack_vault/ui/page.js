@@ -84,11 +84,28 @@
 
   function historyRow(c) {
     var tr = el("tr", { "data-seq": c.seq });
+    var note = c.deleted ? "deleted" : (c.event === "rotated" ? "rotated to " + c.api_key : "");
     [
       cell("at", when(c.at)),
       cell("key", c.key),
       cell("status", c.status, "status status-" + c.status),
-      cell("note", c.deleted ? "deleted" : ""),
+      cell("note", note),
+    ].forEach(function (td) { tr.appendChild(td); });
+    return tr;
+  }
+
+  function rotationRow(r) {
+    var tr = el("tr", { "data-rotation": r.key });
+    var next = r.next ? r.next.role + " " + r.next.api_key + " (" + r.next.status + ")" : DASH;
+    var previous = r.previous ? r.previous.api_key + " (" + r.previous.status + ")" : DASH;
+    var last = r.last_event ? when(r.last_event.at) + " " + r.last_event.event : DASH;
+    [
+      cell("key", r.key, "key"),
+      cell("api_key", r.api_key, "key"),
+      cell("next", next),
+      cell("previous", previous),
+      cell("last_event", last, "time"),
+      cell("advice", r.advice || DASH),
     ].forEach(function (td) { tr.appendChild(td); });
     return tr;
   }
@@ -125,6 +142,8 @@
     health(state);
     errors(state);
     fill("keys-body", (state.keys || []).map(keyRow), "No keys stored.", 11);
+    fill("rotations-body", (state.rotations || []).map(rotationRow),
+      "No rotation, standby or failover.", 6);
     fill("activity-body", (state.activity || []).map(activityRow),
       "No handouts in the last hour.", 6);
     fill("history-body", (state.history || []).map(historyRow), "No status changes yet.", 4);

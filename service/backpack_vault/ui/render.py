@@ -50,6 +50,45 @@ def _key_row(
     }
 
 
+def _rotation_row(record: KeyRecord) -> dict[str, object] | None:
+    """A key's successor or standby, predecessor and last rotation; None when it has none."""
+    nxt, previous = record.next, record.previous
+    if nxt is None and previous is None and not record.history:
+        return None
+    last = record.history[-1] if record.history else None
+    return {
+        "key": str(record.ref),
+        "api_key": record.api_key,
+        "next": nxt.as_public_dict() if nxt else None,
+        "previous": previous.as_public_dict() if previous else None,
+        "advice": rotation_advice(record),
+        "last_event": last.as_public_dict() if last else None,
+        "events": len(record.history),
+    }
+
+
+def rotation_advice(record: KeyRecord) -> str:
+    """What the operator does next about a key's rotation, in one sentence."""
+    nxt, previous = record.next, record.previous
+    if previous is not None and previous.status == "retiring":
+        return (
+            f"Delete {previous.api_key} in the Backpack UI after {_when(previous.safe_at)} UTC, "
+            "when its last copy has expired."
+        )
+    if previous is not None and previous.status == "retired":
+        return f"Delete {previous.api_key} in the Backpack UI now: no copy of it is left."
+    if nxt is not None and nxt.role.value == "successor":
+        return (
+            f"Create an API key in the Backpack UI with the public key {nxt.api_key}; "
+            "the name switches to it once Backpack accepts it."
+        )
+    if nxt is not None and not nxt.ready:
+        return f"Create an API key in the Backpack UI with the public key {nxt.api_key}."
+    if nxt is None and record.history and record.history[-1].event == "failover":
+        return "A failover used the standby: store a new one (keys add --standby)."
+    return ""
+
+
 def gather(source: UiSource, identity: str, ends_at: float, now: float) -> dict[str, object]:
     """The page's data (the /state JSON). A part that fails is named in ``errors``."""
     errors: dict[str, str] = {}
@@ -76,6 +115,11 @@ def gather(source: UiSource, identity: str, ends_at: float, now: float) -> dict[
         "health": dict(health),
         "leader": part("leader", source.leader, None),
         "keys": [_key_row(r, outstanding, checks) for r in sorted(records, key=lambda r: r.ref)],
+        "rotations": [
+            row
+            for row in (_rotation_row(r) for r in sorted(records, key=lambda r: r.ref))
+            if row is not None
+        ],
         "outstanding_total": sum(outstanding.values()),
         "activity": [r.as_dict() for r in activity],
         "history": [c.as_dict() for c in history],
@@ -186,6 +230,40 @@ def _key_rows(keys: Sequence[Mapping[str, object]]) -> str:
     return "".join(rows)
 
 
+def _rotation_rows(rows: Sequence[Mapping[str, object]]) -> str:
+    if not rows:
+        return '<tr class="empty"><td colspan="6">No rotation, standby or failover.</td></tr>'
+    out = []
+    for r in rows:
+        nxt = r.get("next")
+        previous = r.get("previous")
+        last = r.get("last_event")
+        next_text = (
+            f"{nxt.get('role')} {nxt.get('api_key')} ({nxt.get('status')})"
+            if isinstance(nxt, Mapping)
+            else "—"
+        )
+        prev_text = (
+            f"{previous.get('api_key')} ({previous.get('status')})"
+            if isinstance(previous, Mapping)
+            else "—"
+        )
+        last_text = (
+            f"{_when(last.get('at'))} {last.get('event')}" if isinstance(last, Mapping) else "—"
+        )
+        out.append(
+            f'<tr data-rotation="{_e(r["key"])}">'
+            + _cell("key", r["key"], "key")
+            + _cell("api_key", r.get("api_key"), "key")
+            + _cell("next", next_text)
+            + _cell("previous", prev_text)
+            + _cell("last_event", last_text, "time")
+            + _cell("advice", r.get("advice") or "—")
+            + "</tr>"
+        )
+    return "".join(out)
+
+
 def _activity_rows(rows: Sequence[Mapping[str, object]]) -> str:
     if not rows:
         return '<tr class="empty"><td colspan="6">No handouts in the last hour.</td></tr>'
@@ -213,10 +291,18 @@ def _history_rows(rows: Sequence[Mapping[str, object]]) -> str:
         + _cell("at", _when(c.get("at")))
         + _cell("key", c.get("key"))
         + _cell("status", c.get("status"), f"status status-{c.get('status')}")
-        + _cell("note", "deleted" if c.get("deleted") else "")
+        + _cell("note", _change_note(c))
         + "</tr>"
         for c in rows
     )
+
+
+def _change_note(change: Mapping[str, object]) -> str:
+    if change.get("deleted"):
+        return "deleted"
+    if change.get("event") == "rotated":
+        return f"rotated to {change.get('api_key')}"
+    return ""
 
 
 def _errors(state: Mapping[str, object]) -> str:
@@ -248,6 +334,7 @@ def page(state: Mapping[str, object]) -> str:
     keys = state.get("keys")
     activity = state.get("activity")
     history = state.get("history")
+    rotations = state.get("rotations")
     body = (
         f'<main data-state="state" data-every="{REFRESH_MS}">'
         '<header><h1>backpack-vault</h1><div class="who">'
@@ -259,6 +346,12 @@ def page(state: Mapping[str, object]) -> str:
         f'<dl id="health" class="health">{_health_items(state)}</dl>'
         f'<div id="errors" class="notice" role="status">{_errors(state)}</div>'
         + _table("keys", "Keys", _KEY_HEAD, _key_rows(keys if isinstance(keys, list) else []))
+        + _table(
+            "rotations",
+            "Rotations, standbys and old keys",
+            ("Key", "Current API key", "Successor or standby", "Previous key", "Last", "To do"),
+            _rotation_rows(rotations if isinstance(rotations, list) else []),
+        )
         + _table(
             "activity",
             "Handouts in the last hour, per worker identity",

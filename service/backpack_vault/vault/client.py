@@ -25,7 +25,8 @@ import requests
 
 from backpack_vault.config import Secret, VaultSettings, read_secret_file
 from backpack_vault.core.clock import iso_utc
-from backpack_vault.core.keys import KeyRecord, KeyRef, Status, can_transition
+from backpack_vault.core.keys import KeyRecord, KeyRef, Status, can_transition, next_refusal
+from backpack_vault.core.rotation import NEXT_FIELDS, NextKey
 from backpack_vault.errors import (
     ConfigError,
     NotAuthenticated,
@@ -346,6 +347,13 @@ class Vault:
             )["data"]
         meta = body.get("metadata") or {}
         record = _record(ref, meta.get("custom_metadata") or {}, int(meta.get("version") or 0))
+        stored = str(body["data"].get("api_key", ""))
+        nxt = record.next
+        if stored != record.api_key and nxt is not None and nxt.api_key == stored:
+            # A switch wrote the pair but not yet the metadata (or stopped in between): the
+            # name already points to the next key. The checks finish the metadata.
+            log.warning("vault.switch_incomplete", key=str(ref), version=record.version)
+            record = dataclasses.replace(record, api_key=stored, read_only=nxt.read_only)
         return record, Secret(str(body["data"]["api_secret"]))
 
     def list_refs(self) -> list[KeyRef]:
@@ -423,8 +431,10 @@ class Vault:
         return self.read_record(ref)
 
     def delete_key(self, ref: KeyRef) -> None:
-        """Delete every version and the metadata of a key; publish it as retired."""
+        """Delete every version and the metadata of a key (and of its successor or
+        standby); publish it as retired."""
         self.read_record(ref)  # UnknownKey rather than a silent no-op
+        self._delete_next(ref)
         path = self._path(ref)
         with self._at("delete", f"{self._mount}/metadata/{path}"):
             self._client.secrets.kv.v2.delete_metadata_and_all_versions(
@@ -432,10 +442,143 @@ class Vault:
             )
         self.publish_change(ref, Status.RETIRED, at=iso_utc(self._clock()), deleted=True)
 
+    # -- the keys beside the current one: successor or standby, predecessor -------------
+
+    def _next_path(self, ref: KeyRef) -> str:
+        return f"{self._path(ref)}/next"
+
+    def patch_record(self, ref: KeyRef, patch: Mapping[str, str | None]) -> KeyRecord:
+        """Merge ``patch`` into the key's custom_metadata (None removes a field)."""
+        path = self._path(ref)
+        with self._at("patch metadata", f"{self._mount}/metadata/{path}"):
+            self._client.adapter.request(
+                "PATCH",
+                f"/v1/{self._mount}/metadata/{path}",
+                json={"custom_metadata": {k: _clip(v) for k, v in patch.items()}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+        return self.read_record(ref)
+
+    def store_next(self, ref: KeyRef, nxt: NextKey, secret: Secret) -> KeyRecord:
+        """Store a successor or standby of ``ref``: the pair at ``NAME/next`` (create only,
+        so of two operators one wins), then its public facts in the name's metadata.
+
+        If the metadata cannot be written, the pair is deleted again: all or nothing.
+        """
+        current = self.read_record(ref)
+        refusal = next_refusal(current, nxt.role)
+        if refusal:
+            raise WriteConflict(str(ref), refusal)
+        path = self._next_path(ref)
+        kv = self._client.secrets.kv.v2
+        racing = WriteConflict(
+            str(ref),
+            "another successor or standby was stored at the same time (or an earlier one "
+            f"was left behind: `backpack-vault keys rotate {ref} --abort` clears it)",
+        )
+        with self._at("write", f"{self._mount}/data/{path}", refused=lambda: racing):
+            kv.create_or_update_secret(
+                path=path,
+                secret={"api_key": nxt.api_key, "api_secret": secret.reveal()},
+                cas=0,
+                mount_point=self._mount,
+            )
+        try:
+            return self.patch_record(ref, nxt.to_metadata())
+        except ServiceError:
+            with contextlib.suppress(ServiceError):
+                self._delete_next(ref)
+            raise
+
+    def drop_next(self, ref: KeyRef) -> KeyRecord:
+        """Forget the successor or standby of ``ref``: its pair and its facts, no trace left."""
+        self.read_record(ref)  # UnknownKey rather than a silent no-op
+        self._delete_next(ref)
+        return self.patch_record(ref, dict.fromkeys(NEXT_FIELDS))
+
+    def _delete_next(self, ref: KeyRef) -> None:
+        path = self._next_path(ref)
+        with (
+            contextlib.suppress(_Missing),
+            self._at("delete", f"{self._mount}/metadata/{path}", missing=_Missing),
+        ):
+            self._client.secrets.kv.v2.delete_metadata_and_all_versions(
+                path=path, mount_point=self._mount
+            )
+
+    def read_next_secret(self, ref: KeyRef, api_key: str) -> Secret:
+        """The secret of the successor or standby ``api_key`` of ``ref``."""
+        path = self._next_path(ref)
+        gone = lambda: WriteConflict(str(ref), "its successor or standby is gone")  # noqa: E731
+        with self._at("read", f"{self._mount}/data/{path}", missing=gone):
+            body = self._client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=self._mount, raise_on_deleted_version=True
+            )["data"]
+        if str(body["data"].get("api_key", "")) != api_key:
+            raise WriteConflict(str(ref), "its successor or standby was replaced meanwhile")
+        return Secret(str(body["data"]["api_secret"]))
+
+    def switch_to_next(
+        self,
+        current: KeyRecord,
+        secret: Secret,
+        patch: Mapping[str, str | None],
+        *,
+        event: str,
+        at: str,
+    ) -> KeyRecord:
+        """Point the name at its next key in one check-and-set write of the pair.
+
+        The write names the version ``current`` was read at, so a name changed
+        meanwhile (another switch, a new intake) is never overwritten: WriteConflict.
+        Then the metadata follows (``patch``), the next key's own copy goes, and the
+        change is published as ``event`` for every replica and watch stream. A reader
+        between the two writes already gets the next key (``read_key``).
+        """
+        ref, nxt = current.ref, current.next
+        if nxt is None:
+            raise WriteConflict(str(ref), "it has no successor or standby")
+        now = self.read_record(ref)
+        if now.version != current.version or now.next is None or now.next.api_key != nxt.api_key:
+            raise WriteConflict(str(ref), "it was changed while its next key was checked")
+        path = self._path(ref)
+        conflict = lambda: WriteConflict(str(ref))  # noqa: E731
+        with self._at("write", f"{self._mount}/data/{path}", refused=conflict):
+            written = self._client.secrets.kv.v2.create_or_update_secret(
+                path=path,
+                secret={"api_key": nxt.api_key, "api_secret": secret.reveal()},
+                cas=current.version,
+                mount_point=self._mount,
+            )
+        version = int(written["data"]["version"])
+        return self.finish_switch(ref, patch, event=event, at=at, version=version)
+
+    def finish_switch(
+        self, ref: KeyRef, patch: Mapping[str, str | None], *, event: str, at: str, version: int
+    ) -> KeyRecord:
+        """The metadata half of a switch (also to finish one that stopped after the pair)."""
+        record = self.patch_record(ref, patch)
+        try:
+            self._delete_next(ref)
+        except ServiceError as exc:  # harmless: the pair is also the name's now
+            log.warning("vault.next_not_deleted", key=str(ref), error=exc.code)
+        self.publish_change(
+            ref, Status.ACTIVE, at=at, event=event, api_key=record.api_key, version=version
+        )
+        return record
+
     # -- the change feed: how replicas learn of status changes within a second -----------
 
     def publish_change(
-        self, ref: KeyRef, status: Status, *, at: str, deleted: bool = False
+        self,
+        ref: KeyRef,
+        status: Status,
+        *,
+        at: str,
+        deleted: bool = False,
+        event: str = "",
+        api_key: str = "",
+        version: int = 0,
     ) -> int | None:
         """Append a change to the feed document (check-and-set, retried on a lost race).
 
@@ -448,7 +591,7 @@ class Vault:
                 current = self.read_document(FEED_DOCUMENT)
                 data, cas = current if current is not None else ({}, 0)
                 feed = ChangeFeed.from_document(data)
-                entry = Change(feed.seq + 1, ref, status, at, deleted)
+                entry = Change(feed.seq + 1, ref, status, at, deleted, event, api_key, version)
                 entries = [*feed.entries[-(FEED_KEEP - 1) :], entry]
                 self.write_document(
                     FEED_DOCUMENT, ChangeFeed(entry.seq, tuple(entries)).as_document(), cas=cas
@@ -707,6 +850,11 @@ def _record(ref: KeyRef, meta: Mapping[str, str], version: int) -> KeyRecord:
     if record is None:
         return KeyRecord.incomplete(ref, version)
     return record
+
+
+def _clip(value: str | None) -> str | None:
+    """Vault refuses empty values (None removes the field) and values over its limit."""
+    return value[:_MAX_META_VALUE] if value else None
 
 
 def _replace_version(record: KeyRecord, version: int) -> KeyRecord:

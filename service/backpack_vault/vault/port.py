@@ -68,15 +68,26 @@ class Change:
     status: Status
     at: str
     deleted: bool = False
+    event: str = ""  # "rotated" when the name switched to another key; else the status is news
+    api_key: str = ""  # the public key the name points to after a switch
+    version: int = 0  # the KV version that holds it
+
+    @property
+    def name(self) -> str:
+        """What a watch stream calls it: ``rotated``, or the status."""
+        return self.event or self.status.value
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "seq": self.seq,
             "key": str(self.ref),
             "status": self.status.value,
             "at": self.at,
             "deleted": self.deleted,
         }
+        if self.event:
+            data |= {"event": self.event, "api_key": self.api_key, "version": self.version}
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> Change | None:
@@ -90,6 +101,9 @@ class Change:
                 status=Status(str(data["status"])),
                 at=str(data.get("at", "")),
                 deleted=bool(data.get("deleted", False)),
+                event=str(data.get("event", "")),
+                api_key=str(data.get("api_key", "")),
+                version=int(data.get("version", 0)),
             )
         except (KeyError, TypeError, ValueError, ServiceError):
             return None
@@ -158,8 +172,45 @@ class VaultPort(Protocol):
     # -- the change feed ----------------------------------------------------------------
 
     def publish_change(
-        self, ref: KeyRef, status: Status, *, at: str, deleted: bool = False
+        self,
+        ref: KeyRef,
+        status: Status,
+        *,
+        at: str,
+        deleted: bool = False,
+        event: str = "",
+        api_key: str = "",
+        version: int = 0,
     ) -> int | None: ...
+
+    # -- the keys beside the current one (core/rotation.py) ---------------------------
+
+    def read_next_secret(self, ref: KeyRef, api_key: str) -> Secret:
+        """The secret of the successor or standby ``api_key`` of ``ref``."""
+        ...
+
+    def patch_record(self, ref: KeyRef, patch: Mapping[str, str | None]) -> KeyRecord:
+        """Merge ``patch`` into the key's custom_metadata (None removes a field)."""
+        ...
+
+    def switch_to_next(
+        self,
+        current: KeyRecord,
+        secret: Secret,
+        patch: Mapping[str, str | None],
+        *,
+        event: str,
+        at: str,
+    ) -> KeyRecord:
+        """Point ``current``'s name at its next key: one check-and-set write of the pair,
+        then ``patch`` (core.keys.switch_patch); publish ``event``."""
+        ...
+
+    def finish_switch(
+        self, ref: KeyRef, patch: Mapping[str, str | None], *, event: str, at: str, version: int
+    ) -> KeyRecord:
+        """The metadata half of a switch, also to finish one that stopped after the pair."""
+        ...
 
     def read_changes(self) -> ChangeFeed: ...
 

@@ -12,6 +12,17 @@ path "secret/metadata/backpack/*" {
   capabilities = ["read", "list", "update", "patch"]
 }
 
+# Rotation and failover: the switch writes the successor's (or standby's) pair into the key
+# as a new version, with check-and-set, so the name points to it in one write...
+path "secret/data/backpack/+/+" {
+  capabilities = ["read", "update"]
+}
+
+# ...and then deletes the successor's own copy under NAME/next.
+path "secret/metadata/backpack/+/+/next" {
+  capabilities = ["read", "list", "update", "patch", "delete"]
+}
+
 # The leader lease of the scheduled checks: one small document written with check-and-set.
 path "secret/data/backpack-leader" {
   capabilities = ["create", "read", "update"]

@@ -1,5 +1,5 @@
 # backpack-vault-operator: people who run `backpack-vault keys add|generate|list|show|retire|
-# delete`. They store keys, inspect and retire them, but never read a stored secret back:
+# delete|rotate`. They store keys, inspect and retire them, but never read a stored secret back:
 # only the daemon does. `backpack-vault vault setup` writes this policy with the configured KV
 # mount and prefix in place of the defaults shown here (secret, backpack).
 #
