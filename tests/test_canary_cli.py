@@ -30,7 +30,8 @@ class TestCanary:
     def test_cli_flows_never_print_the_secret(
         self, vault_settings: VaultSettings, canary: tuple[str, str], tmp_path: Path
     ) -> None:
-        """add, generate, list, show, refusals and errors: no stdout, stderr or log holds it."""
+        """add, generate, list, show, rotate, standby, refusals and errors: no stdout, stderr
+        or log holds it."""
         api_key, secret = canary
         env = {
             "PATH": os.environ["PATH"],
@@ -58,6 +59,16 @@ class TestCanary:
             (["keys", "show", "main/canary"], None),
             (["keys", "show", "main/canary", "--json"], None),
             (["keys", "retire", "main/canary"], None),
+            # rotation and standby keys: the canary as a standby, then a successor of c3
+            (["keys", "generate", "main/c5"], None),
+            (["keys", "add", "main/c5", "--standby", "--api-key", api_key], secret),
+            (["keys", "show", "main/c5"], None),
+            (["keys", "show", "main/c5", "--json"], None),
+            (["keys", "rotate", "main/c3"], None),
+            (["keys", "rotate", "main/c3", "--json"], None),  # conflict: one is pending
+            (["keys", "show", "main/c3"], None),
+            (["keys", "rotate", "main/c3", "--abort"], None),
+            (["keys", "rotate", "main/c5", "--abort", "--json"], None),
         ]
         outputs = []
         for args, stdin in runs:
@@ -75,6 +86,8 @@ class TestCanary:
         assert "stored main/canary" in joined  # the scenario really ran
         assert "already stored" in joined
         assert "does not belong" in joined
+        assert "stored a standby for main/c5" in joined
+        assert "already has a successor" in joined
         for form in forms(secret):
             assert form not in joined
         # argv of every run was visible to the host: the secret was never in it.

@@ -14,8 +14,10 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -42,6 +44,7 @@ from backpack_vault.events import Event, KeyRotated, KeyStatusChanged, Predecess
 from backpack_vault.testing import make_record, store_key, wait_until
 from backpack_vault.testing.drill import order_loops, totals, wait_all_on
 from backpack_vault.testing.sandbox import SandboxAdmin
+from backpack_vault.ui.render import gather, page
 from backpack_vault.vault.client import Vault
 
 REF = KeyRef("main", "bot-a")
@@ -263,6 +266,40 @@ class TestRotateCommand:
         record = vault.read_record(REF)
         assert record.next is not None
         assert (record.next.role, record.next.api_key) == (Role.STANDBY, standby.api_key)
+
+
+class TestOperatorPage:
+    def test_the_page_shows_the_successor_and_when_the_old_key_may_go(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        sandbox: SandboxAdmin,
+        running: Running,
+    ) -> None:
+        pair = stored_in_sandbox(vault, sandbox)
+        env = cli_env(vault_settings, sandbox)
+        successor = rotate(env)
+        source = running.daemon._ui_source()
+        state = gather(source, "operator", time.time() + 60, time.time())
+        [row] = state["rotations"]  # type: ignore[misc]
+        assert row["next"]["api_key"] == successor
+        assert f"the public key {successor}" in row["advice"]
+        sandbox.register(successor)
+        wait_until(lambda: _previous_status(vault) == "retiring", timeout=BOUND)
+
+        def shown() -> dict[str, Any]:
+            return gather(source, "operator", time.time() + 60, time.time())
+
+        # The page reads keys again when the feed moves, or after a few seconds.
+        wait_until(lambda: shown()["rotations"][0]["previous"] is not None, timeout=BOUND)
+        state = shown()
+        [row] = state["rotations"]
+        assert row["previous"]["api_key"] == pair.api_key
+        assert row["advice"].startswith(f"Delete {pair.api_key} in the Backpack UI after")
+        html = page(state)
+        assert "Rotations, standbys and old keys" in html
+        assert pair.api_key in html
+        assert successor in html
 
 
 # -- the switch ------------------------------------------------------------------------------------

@@ -514,6 +514,13 @@ def keys_revoke(ctx: Context, key: KeyRef, reason: str, as_json: bool) -> None:
         click.echo(f"{key} was already revoked (since {record.status_since}{by})")
     else:
         click.echo(f"{key} is revoked (was {current.status}): no copy or signature from now on")
+        standby = current.next
+        if standby is not None and standby.role is Role.STANDBY and standby.ready:
+            click.echo(
+                f"its standby {standby.api_key} takes over within one check interval; "
+                "workers see it as a rotation",
+                err=True,
+            )
         click.echo(f"if that was wrong: backpack-vault keys reinstate {key}", err=True)
 
 
