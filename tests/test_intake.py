@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from backpack_vault.cli import cli
 from backpack_vault.config import Secret, VaultSettings
-from backpack_vault.core.keys import KeyRecord, KeyRef, Origin, Status, generate_pair
+from backpack_vault.core.keys import (
+    PRODUCTION_EXCHANGE,
+    KeyRecord,
+    KeyRef,
+    Origin,
+    Status,
+    generate_pair,
+)
 from backpack_vault.dev.vault import DevVault, bao_binary, free_port
 from backpack_vault.errors import UnknownKey, VaultDenied, WriteConflict
 from backpack_vault.vault.client import Provisioner, Vault
@@ -288,6 +295,21 @@ class TestLifecycleCommands:
         assert "Public Key" in result.stderr
         assert "Read Only ON" in result.stderr
         assert secret.reveal() not in result.output
+
+    def test_a_key_belongs_to_the_exchange_it_is_stored_for(
+        self, invoke: Invoke, vault: Vault
+    ) -> None:
+        """Backpack itself by default; ``--exchange`` (a sandbox, say) when given."""
+        assert invoke("keys", "generate", "main/prod").exit_code == 0
+        made = invoke("keys", "generate", "main/sbx", "--exchange", "http://127.0.0.1:9/")
+        assert made.exit_code == 0, made.output
+        assert vault.read_record(KeyRef("main", "prod")).exchange == PRODUCTION_EXCHANGE
+        assert vault.read_record(KeyRef("main", "sbx")).exchange == "http://127.0.0.1:9"
+        bad = invoke("keys", "generate", "main/bad", "--exchange", "ftp://x")
+        assert bad.exit_code == 3
+        assert "not an http(s) URL" in bad.stderr
+        with pytest.raises(UnknownKey):
+            vault.read_record(KeyRef("main", "bad"))
 
     def test_retire_then_delete(self, invoke: Invoke, vault: Vault) -> None:
         """Retire marks the key final; delete needs --yes and removes every version."""

@@ -144,6 +144,21 @@ def _read_secret(secret_file: Path | None) -> Secret:
     return Secret(text.strip())
 
 
+EXCHANGE_OPTION = click.option(
+    "--exchange",
+    metavar="URL",
+    help="The exchange the key belongs to (its REST base URL). Default: "
+    "BACKPACK_VAULT_BACKPACK_URL, which is Backpack itself unless set (a sandbox, say).",
+)
+
+
+def _exchange(ctx: Context, given: str | None) -> str:
+    url = (given or ctx.settings().checks.backpack_url).strip()
+    if not url.startswith(("https://", "http://")):
+        raise InvalidInput(f"--exchange {url!r} is not an http(s) URL")
+    return url
+
+
 @keys.command("add")
 @click.argument("key", callback=key_ref, metavar="SUB/NAME")
 @click.option("--api-key", required=True, help="The API key (public) from the Backpack web UI.")
@@ -160,6 +175,7 @@ def _read_secret(secret_file: Path | None) -> Secret:
     help="Store it as the standby of an existing SUB/NAME: it takes over when the current "
     "key is revoked.",
 )
+@EXCHANGE_OPTION
 @pass_ctx
 @handle_errors
 def keys_add(
@@ -170,6 +186,7 @@ def keys_add(
     label: str,
     secret_file: Path | None,
     standby: bool,
+    exchange: str | None,
 ) -> None:
     """Store a key created in the Backpack web UI. The secret comes from stdin or a file."""
     pair = parse_key_pair(api_key, _read_secret(secret_file))
@@ -194,6 +211,7 @@ def keys_add(
         now=now_iso(),
         read_only=read_only,
         label=label,
+        exchange=_exchange(ctx, exchange),
     )
     stored = ctx.vault().create_key(record, pair.secret)
     click.echo(f"stored {stored.ref} ({stored.status}, version {stored.version})")
@@ -208,9 +226,12 @@ def keys_add(
     is_flag=True,
     help="Make the standby of an existing SUB/NAME (Read Only as the current key's).",
 )
+@EXCHANGE_OPTION
 @pass_ctx
 @handle_errors
-def keys_generate(ctx: Context, key: KeyRef, read_only: bool, label: str, standby: bool) -> None:
+def keys_generate(
+    ctx: Context, key: KeyRef, read_only: bool, label: str, standby: bool, exchange: str | None
+) -> None:
     """Make a key pair here; the secret goes straight into Vault, the public key to you."""
     pair = generate_pair()
     if standby:
@@ -226,7 +247,13 @@ def keys_generate(ctx: Context, key: KeyRef, read_only: bool, label: str, standb
         )
         return
     record = KeyRecord.new(
-        key, pair.api_key, origin=Origin.GENERATED, now=now_iso(), read_only=read_only, label=label
+        key,
+        pair.api_key,
+        origin=Origin.GENERATED,
+        now=now_iso(),
+        read_only=read_only,
+        label=label,
+        exchange=_exchange(ctx, exchange),
     )
     ctx.vault().create_key(record, pair.secret)
     click.echo(pair.api_key)

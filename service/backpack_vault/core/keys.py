@@ -364,8 +364,11 @@ RETIRING: Final = "retiring"  # a predecessor's status: no handouts, copies stil
 RETIRED: Final = "retired"
 
 
-def next_refusal(record: KeyRecord, role: Role) -> str:
-    """Why ``record`` cannot take a successor or standby now ("" when it can)."""
+def next_refusal(record: KeyRecord, role: Role, api_key: str = "") -> str:
+    """Why ``record`` cannot take ``api_key`` as its successor or standby now ("" when it can)."""
+    if api_key and api_key in (record.api_key, record.previous.api_key if record.previous else ""):
+        which = "current" if api_key == record.api_key else "previous"
+        return f"{api_key} is already this name's {which} key: a {role} must be a new key"
     if record.status is Status.INCOMPLETE:
         return "its metadata is incomplete: retire it and store the key again"
     if record.status is Status.RETIRED:

@@ -466,7 +466,7 @@ class Vault:
         If the metadata cannot be written, the pair is deleted again: all or nothing.
         """
         current = self.read_record(ref)
-        refusal = next_refusal(current, nxt.role)
+        refusal = next_refusal(current, nxt.role, nxt.api_key)
         if refusal:
             raise WriteConflict(str(ref), refusal)
         path = self._next_path(ref)
