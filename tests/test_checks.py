@@ -179,7 +179,7 @@ class TestVerdictTable:
         assert (rule.row, rule.verdict, rule.reason) == (row, verdict, reason)
 
     def test_rows_are_spec_rows_in_order(self) -> None:
-        """The table holds SPEC.md section 8's eleven rows, in order."""
+        """The table holds docs/backpack-api.md section 8's eleven rows, in order."""
         assert [rule.row for rule in VERDICT_TABLE] == list(range(1, 12))
 
     def test_only_row_5_resyncs_and_only_row_10_alerts(self) -> None:

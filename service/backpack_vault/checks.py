@@ -1,6 +1,6 @@
 """Liveness checks: probe -> verdict -> the status change it implies. Never schedules.
 
-Steps for one key (``backpack/SPEC.md`` section 8; the rules, each with its test,
+Steps for one key (``docs/backpack-api.md`` section 8; the rules, each with its test,
 are the table in ``docs/verdicts.md``)::
 
     read key from Vault --status revoked/retired/incomplete--> not probed

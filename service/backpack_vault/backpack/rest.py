@@ -8,7 +8,7 @@ callers that just want the offset.
 
 What is kept of an answer is its status, Backpack's ``code`` and a bounded
 ``message``: never the request headers (the window is the only replay
-protection, SPEC.md section 5) and never a response body beyond that.
+protection, docs/backpack-api.md section 5) and never a response body beyond that.
 """
 
 from __future__ import annotations

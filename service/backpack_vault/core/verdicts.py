@@ -104,7 +104,7 @@ class Verdict(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One row of SPEC.md section 8's table. Empty sets match anything."""
+    """One row of docs/backpack-api.md section 8's table. Empty sets match anything."""
 
     row: int
     verdict: Verdict  # REJECTED here means "a candidate": a second probe must agree
@@ -118,7 +118,7 @@ class Rule:
     resync: bool = False  # resync the clock and retry once (row 5)
     alert: bool = False
     # Outside the liveness probe (no parameters, a verified signature) the same answer
-    # may be about the order, not the key (SPEC.md section 8): there the row also needs
+    # may be about the order, not the key (docs/backpack-api.md section 8): there the row also needs
     # this substring in the message.
     off_probe_message: str = ""
 

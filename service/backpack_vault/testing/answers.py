@@ -38,18 +38,18 @@ class Answer:
         return JSONResponse({"code": self.code, "message": self.message}, status_code=self.status)
 
 
-# Documented message and code (SPEC.md section 6); the status of both is
+# Documented message and code (docs/backpack-api.md section 6); the status of both is
 # undocumented and 400 is what Backpack answered most recently.
 EXPIRED_ANSWER: Final = Answer(400, "INVALID_CLIENT_REQUEST", "Request has expired")
 INVALID_SIGNATURE_ANSWER: Final = Answer(400, "INVALID_CLIENT_REQUEST", "Invalid signature")
 
 # OUR CHOICE for an unknown, deleted or revoked API key. Backpack does not
-# document this answer (SPEC.md sections 6, 8 and 11.1). The sandbox answers
+# document this answer (docs/backpack-api.md sections 6, 8 and 11.1). The sandbox answers
 # 401 UNAUTHORIZED, which is row 7 of the verdict table (a REJECTED candidate).
 # Change it here, and in docs/sandbox.md, once the live answer is known.
 UNKNOWN_KEY_ANSWER: Final = Answer(401, "UNAUTHORIZED", "API key is not registered or was revoked")
 
-# OUR CHOICE for a read-only key on a state-changing instruction (SPEC.md 11.3).
+# OUR CHOICE for a read-only key on a state-changing instruction (docs/backpack-api.md 11.3).
 READ_ONLY_ANSWER: Final = Answer(403, "FORBIDDEN", "API key is read-only")
 
 MAINTENANCE_ANSWER: Final = Answer(503, "MAINTENANCE", "Exchange is under maintenance")

@@ -1,4 +1,4 @@
-"""Signed requests: headers, clock, key and signature checked exactly as ``backpack/SPEC.md`` says.
+"""Signed requests: headers, clock, key and signature checked as ``docs/backpack-api.md`` says.
 
 The signing string is rebuilt from the raw decoded query text (GET/DELETE) and
 the JSON body (POST/PATCH/DELETE) with the same code the daemon signs with.
@@ -60,7 +60,7 @@ async def authenticate(request: Request, gate: Gateway, faults: Faults, api_key:
     window = _header_int(headers.get("x-window", str(DEFAULT_WINDOW_MS)), "X-Window")
     now_ms = gate.server_ms(faults)
     # A window over the maximum, or a timestamp a whole window in the future, get the
-    # expired answer too: both are undocumented (SPEC.md section 5), this is our choice.
+    # expired answer too: both are undocumented (docs/backpack-api.md section 5): our choice.
     if window > MAX_WINDOW_MS or now_ms > timestamp + window or timestamp > now_ms + window:
         raise Refused(EXPIRED_ANSWER)
     entry = gate.state.key(api_key)
@@ -111,7 +111,7 @@ async def _params(request: Request, *, batch: bool) -> tuple[dict[str, str], Any
 def _message(
     instruction: str, query: Mapping[str, str], body: Any, timestamp: int, window: int
 ) -> str:
-    """The signing string: sorted query pairs, then the body's pairs (SPEC.md section 4)."""
+    """The signing string: sorted query pairs, then the body's pairs (docs/backpack-api.md §4)."""
     if not body:
         return signing_string(instruction, query, timestamp, window)
     if not query:

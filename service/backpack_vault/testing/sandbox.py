@@ -4,7 +4,7 @@ Public routes (time, status, ping, and market data from the shipped fixture
 ``markets.json``) and signed routes (account, capital, orders through a simple
 matching engine, cancel-all, fills, order history, deposit address, positions)
 answer in the shapes Backpack documents, so that ccxt and bpx-py parse them.
-Signed requests are verified exactly as ``backpack/SPEC.md`` describes, against
+Signed requests are verified exactly as ``docs/backpack-api.md`` describes, against
 a registry of public keys; nothing here holds a secret. Admin routes under
 ``/_sandbox/`` register, revoke and mark keys read-only, set balances, inject
 faults, report request counts and reset. See ``docs/sandbox.md``.
