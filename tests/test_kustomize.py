@@ -49,6 +49,7 @@ BY_HAND = {
 }
 ALERTS = {
     "BackpackVaultKeyRevoked",
+    "BackpackVaultKeyFailover",
     "BackpackVaultKeyMisconfigured",
     "BackpackVaultChecksSystemic",
     "BackpackVaultChecksFailing",
@@ -743,6 +744,21 @@ def alert_at(minutes: int, name: str, *expected: dict[str, str]) -> Doc:
 CHECKS = "backpack_vault_checks_total"
 # Unit tests for the alerts (promtool test rules): one-minute samples; "_" is no sample.
 RULE_TESTS: list[Doc] = [
+    {  # a failover warns for an hour (the name has no standby now); a rotation does not
+        "input_series": [
+            series("backpack_vault_key_switches_total", "0 0 1x70", key="main/a", kind="failover"),
+            series("backpack_vault_key_switches_total", "0 0 1x70", key="main/b", kind="rotation"),
+        ],
+        "alert_rule_test": [
+            alert_at(1, "BackpackVaultKeyFailover"),
+            alert_at(
+                5,
+                "BackpackVaultKeyFailover",
+                {"severity": "warning", "namespace": "ns", "key": "main/a"},
+            ),
+            alert_at(70, "BackpackVaultKeyFailover"),
+        ],
+    },
     {  # a revoked key alerts at once; an active one does not
         "input_series": [
             series("backpack_vault_key_status", "0 0 1x20", key="main/a", status="revoked"),

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from backpack_vault import __version__
+from backpack_vault.core.keys import KeyRef
+from backpack_vault.events import Cause, KeyRotated
 from backpack_vault.metrics import Metrics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,6 +53,7 @@ def _exercised() -> Metrics:
     metrics.observe_renewal("renew", "ok")
     metrics.observe_revocations(1)
     metrics.track_outstanding(lambda: 0)
+    metrics.on_event(KeyRotated(KeyRef("main", "a"), "old", "new", False, Cause.CHECK))
     return metrics
 
 

@@ -28,7 +28,7 @@ from prometheus_client import (
 
 from backpack_vault import __version__
 from backpack_vault.core.keys import Status
-from backpack_vault.events import Cause, CopiesRevoked, Event, KeyStatusChanged
+from backpack_vault.events import Cause, CopiesRevoked, Event, KeyRotated, KeyStatusChanged
 
 __all__ = ["NO_KEY", "Metrics"]
 
@@ -171,6 +171,13 @@ class Metrics:
             "Unclaimed copies revoked because their key was revoked or retired.",
             registry=registry,
         )
+        self.rotations = Counter(
+            "backpack_vault_key_switches",
+            "Names switched to their next key, by the checks of this replica: kind is "
+            "rotation (a successor accepted) or failover (a standby took over).",
+            ["key", "kind"],
+            registry=registry,
+        )
 
     # -- the worker API -------------------------------------------------------------------
 
@@ -214,6 +221,9 @@ class Metrics:
                 self.set_key_status(str(event.ref), event.new)
         elif isinstance(event, CopiesRevoked):
             self.observe_revocations(event.count)
+        elif isinstance(event, KeyRotated) and event.cause is Cause.CHECK:
+            kind = "failover" if event.failover else "rotation"
+            self.rotations.labels(key=str(event.ref), kind=kind).inc()
 
     # -- liveness checks (recorded by the daemon from checks.py's results) ----------------
 
