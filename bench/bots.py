@@ -16,6 +16,9 @@ Three ``ccxt.backpack`` exchanges, rate limiter off, place resting limit orders
 Each variant places ``--orders`` orders in all, split over ``--rounds`` rounds in
 which the variants alternate, so drift on a noisy machine hits all of them alike;
 after each batch its orders are cancelled (not timed), so the book never grows.
+Where sign mode's time goes is printed too: ``BrokerClient.sign`` alone, and the
+floor under it, the same ``/sign`` request (and ``/healthz``) written by hand on
+one kept socket, with no client library at all: what is left is the daemon's.
 Targets: copy mode adds nothing measurable (p50 within 5% of the local key's),
 sign mode adds at most 0.5 ms at p50. Figures are printed, never asserted: the
 exit status is 1 only when an order is not placed. ``--quick`` (what ``make
@@ -26,8 +29,10 @@ to be a measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +43,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import ccxt
 import httpx
@@ -194,11 +200,52 @@ def sign_alone_us(exchange: Any, count: int) -> float:
     return statistics.median(seconds) * 1e6
 
 
+def raw_round_trips(daemon_url: str, token: Secret, count: int) -> list[Samples]:
+    """The floor: ``/healthz`` and ``/sign`` written by hand on one kept socket."""
+    parts = urlsplit(daemon_url)
+    body = json.dumps({"instruction": "orderExecute", "params": ORDER}).encode()
+    wires = {
+        "raw /healthz": b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n",
+        "raw /sign": (
+            f"POST /v1/keys/{REF}/sign HTTP/1.1\r\nHost: bench\r\n"
+            f"X-Vault-Token: {token.reveal()}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body,
+    }
+    results = []
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with sock.makefile("rb") as reader:
+
+            def once(wire: bytes) -> None:
+                sock.sendall(wire)
+                if not reader.readline().startswith(b"HTTP/1.1 200"):
+                    raise SystemExit("the daemon refused a raw request")
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                reader.read(length)
+
+            for name, wire in wires.items():
+                for _ in range(WARMUP):
+                    once(wire)
+                sample = Samples(name)
+                for _ in range(count):
+                    started = time.perf_counter()
+                    once(wire)
+                    sample.seconds.append(time.perf_counter() - started)
+                results.append(sample)
+    return results
+
+
 @dataclass
 class Report:
     orders: list[Samples]  # local key, copy mode, sign mode
     daemon: Samples  # BrokerClient.sign alone
     sign_us: dict[str, float]  # ccxt's sign() alone: local key, copy mode
+    raw: list[Samples]  # /healthz and /sign on a raw socket
 
 
 def print_report(report: Report, elapsed: float) -> None:
@@ -225,6 +272,15 @@ def print_report(report: Report, elapsed: float) -> None:
     print(
         f"    sign mode: the daemon's signature alone (BrokerClient.sign) p50 "
         f"{report.daemon.p50_ms:.3f} ms, p99 {report.daemon.p99_ms:.3f} ms"
+    )
+    health, raw_sign = report.raw
+    print(
+        f"    the floor, no client library (one raw socket): /healthz p50 "
+        f"{health.p50_ms:.3f} ms, /sign p50 {raw_sign.p50_ms:.3f} ms, p99 {raw_sign.p99_ms:.3f} ms"
+    )
+    print(
+        f"    so BrokerClient.sign spends {report.daemon.p50_ms - raw_sign.p50_ms:+.3f} ms in the "
+        f"client, and the daemon {raw_sign.p50_ms - health.p50_ms:+.3f} ms on /sign beyond HTTP"
     )
     copy_ratio, sign_added = copy.p50_ms / local.p50_ms, sign.p50_ms - local.p50_ms
     copy_ok, sign_ok = copy_ratio <= COPY_TARGET, sign_added <= SIGN_TARGET_MS
@@ -267,15 +323,15 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         stack.enter_context(
             process(launcher, daemon_env, work / "daemon.log", f"{daemon_url}/readyz")
         )
-        broker = stack.enter_context(
-            BrokerClient(daemon_url, vault_addr=dev.addr, token=worker_token(vault))
-        )
+        token = worker_token(vault)
+        broker = stack.enter_context(BrokerClient(daemon_url, vault_addr=dev.addr, token=token))
         variants = exchanges(sandbox_url, pair, broker)
         if variants["sign mode"].secret or not variants["copy mode"].fetch_balance():
             raise SystemExit("sign mode holds a secret, or copy mode cannot trade")
         samples = measure(variants, args.orders, args.rounds)
         sign_us = {name: sign_alone_us(variants[name], args.orders * 6) for name in SIGNED_BY_CCXT}
-        return Report(samples[:3], samples[3], sign_us)
+        raw = raw_round_trips(daemon_url, token, args.orders)
+        return Report(samples[:3], samples[3], sign_us, raw)
 
 
 def main() -> int:

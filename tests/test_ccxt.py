@@ -2,7 +2,7 @@
 
 The daemon runs in-thread against the session's OpenBao dev server and checks
 keys against the session's sandbox exchange, which verifies every signature
-exactly as ``backpack/SPEC.md`` says (a wrong one is 400 "Invalid signature").
+exactly as ``docs/backpack-api.md`` says (a wrong one is 400 "Invalid signature").
 The bot holds a worker token with a real policy, rendered as ``backpack-vault
 policy worker`` prints it.
 """
@@ -249,7 +249,7 @@ def sent(exchange: Any) -> list[dict[str, Any]]:
 
 
 def verifies(request: dict[str, Any]) -> bool:
-    """Whether the signature of one request as sent verifies, by SPEC.md's rules."""
+    """Whether the signature of one request as sent verifies, by docs/backpack-api.md's rules."""
     headers, parts = request["headers"], urlsplit(request["url"])
     params: Any = json.loads(request["body"]) if request["body"] else dict(parse_qsl(parts.query))
     message = signing_string(

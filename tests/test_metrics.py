@@ -53,7 +53,9 @@ def _exercised() -> Metrics:
     metrics.observe_renewal("renew", "ok")
     metrics.observe_revocations(1)
     metrics.track_outstanding(lambda: 0)
-    metrics.on_event(KeyRotated(KeyRef("main", "a"), "old", "new", False, Cause.CHECK))
+    metrics.on_event(
+        KeyRotated(KeyRef("main", "a"), "old", "new", failover=False, cause=Cause.CHECK)
+    )
     return metrics
 
 

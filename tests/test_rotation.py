@@ -128,11 +128,16 @@ def stored_in_sandbox(vault: Vault, sandbox: SandboxAdmin, **options: object) ->
     return pair
 
 
+def json_out(text: str) -> Any:
+    """The CLI's ``--json`` document: the daemon's threads may log into the same stdout."""
+    return json.loads(text[text.index("{\n") : text.rindex("\n}") + 2])
+
+
 def rotate(env: dict[str, str]) -> str:
     """``keys rotate --json``; the successor's public key."""
     result = run_cli(env, "keys", "rotate", str(REF), "--json")
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    out = json_out(result.stdout)
     assert out == {"api_key": out["api_key"], "name": str(REF), "status": "pending"}
     return str(out["api_key"])
 
@@ -140,7 +145,7 @@ def rotate(env: dict[str, str]) -> str:
 def show(env: dict[str, str]) -> dict[str, object]:
     result = run_cli(env, "keys", "show", str(REF), "--json")
     assert result.exit_code == 0, result.output
-    shown: dict[str, object] = json.loads(result.stdout)
+    shown: dict[str, object] = json_out(result.stdout)
     return shown
 
 
@@ -463,12 +468,13 @@ class TestDrills:
             assert wait_all_on(loops, pair.api_key, BOUND)
             sandbox.revoke(pair.api_key)  # revoked in the web UI (or leaked and deleted)
             wait_until(lambda: vault.read_record(REF).api_key == standby.api_key, timeout=BOUND)
-            confirmed = totals(loops).failed
+            confirmed = time.monotonic()  # the daemon's confirmation is written by now
             assert wait_all_on(loops, standby.api_key, BOUND)
             placed = totals(loops).placed
             wait_until(lambda: totals(loops).placed > placed + 20, timeout=BOUND)
         tally = totals(loops)
-        assert tally.failed == confirmed, tally.errors  # none after the daemon's confirmation
+        # Orders sent before the confirmation may fail (the key was dead); none after it.
+        assert tally.failed_since(confirmed) == 0, tally.errors
         record = vault.read_record(REF)
         assert (record.status, record.api_key, record.next) == (
             Status.ACTIVE,

@@ -6,23 +6,28 @@ the login's clock is a FakeClock, so renewal is tested without waiting for a TTL
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from backpack_vault.client.broker import BrokerClient
-from backpack_vault.client.vault_auth import VaultAuth, VaultLogin, client_env
+from backpack_vault.client.vault_auth import AsyncVaultLogin, VaultAuth, VaultLogin, client_env
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.daemon import Daemon
 from backpack_vault.daemon.serving import ServerThread
-from backpack_vault.dev.vault import DevVault
+from backpack_vault.dev.vault import DevVault, free_port
 from backpack_vault.errors import ConfigError, NotAuthenticated
-from backpack_vault.testing import FakeClock, store_key
+from backpack_vault.testing import FakeClock, store_key, wait_until
 from backpack_vault.vault.client import Provisioner, Vault
 from backpack_vault.vault.setup import render_worker_policy
 
@@ -117,7 +122,7 @@ class TestAppRole:
         sent: list[str] = []
         clock = FakeClock(0.0)
         with httpx.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]}) as http:
-            login = VaultLogin(auth, dev_vault.addr, http, clock=clock)
+            login = VaultLogin(auth, dev_vault.addr, http, clock=clock, background=False)
             with pytest.raises(NotAuthenticated, match="approle login"):
                 login.token()
             with pytest.raises(NotAuthenticated):
@@ -135,7 +140,9 @@ class TestRenewal:
     ) -> None:
         clock = FakeClock(0.0)
         with httpx.Client() as http:
-            login = VaultLogin(files(tmp_path, role), dev_vault.addr, http, clock=clock)
+            login = VaultLogin(
+                files(tmp_path, role), dev_vault.addr, http, clock=clock, background=False
+            )
             token = login.token()
             clock.advance(30)
             assert login.token() == token
@@ -150,7 +157,9 @@ class TestRenewal:
     ) -> None:
         clock = FakeClock(0.0)
         with httpx.Client() as http:
-            login = VaultLogin(files(tmp_path, role), dev_vault.addr, http, clock=clock)
+            login = VaultLogin(
+                files(tmp_path, role), dev_vault.addr, http, clock=clock, background=False
+            )
             first = login.token()
             revoke(dev_vault, first)
             clock.advance(45)
@@ -183,6 +192,200 @@ class TestDeadToken:
             pytest.raises(NotAuthenticated),
         ):
             broker.copy(REF)
+
+
+def token_with(dev_vault: DevVault, *, ttl: str, renewable: bool) -> Secret:
+    """A static token as an operator hands one out: default policy, its own TTL."""
+    answer = httpx.post(
+        f"{dev_vault.addr}/v1/auth/token/create",
+        headers={"X-Vault-Token": dev_vault.root_token.reveal()},
+        json={"policies": ["default"], "ttl": ttl, "renewable": renewable},
+    )
+    answer.raise_for_status()
+    return Secret(str(answer.json()["auth"]["client_token"]))
+
+
+def lookup(dev_vault: DevVault, token: Secret) -> dict[str, Any]:
+    answer = httpx.get(
+        f"{dev_vault.addr}/v1/auth/token/lookup-self", headers={"X-Vault-Token": token.reveal()}
+    )
+    answer.raise_for_status()
+    return dict(answer.json()["data"])
+
+
+def short_role(vault: Vault, vault_settings: VaultSettings, kv_prefix: str, tmp_path: Path) -> Any:
+    """An AppRole whose tokens live 3 s, as files on disk: renewal within a test's time."""
+    setup = Provisioner(vault)
+    setup.ensure_auth("approle")
+    policy = f"{kv_prefix}-worker"
+    setup.ensure_policy(
+        policy, render_worker_policy(vault_settings.grant_prefix, "main", copy=True)
+    )
+    name = f"{kv_prefix}-short"
+    setup.ensure_approle_role(name, [policy], token_ttl="3s")
+    role_id, secret_id = setup.approle_credentials(name)
+    return files(tmp_path, Role(role_id, secret_id, name))
+
+
+class TestStaticToken:
+    def test_a_renewable_static_token_is_renewed_at_two_thirds_of_its_ttl(
+        self, dev_vault: DevVault
+    ) -> None:
+        """Looked up once for its TTL, then renewed like a login's token."""
+        token = token_with(dev_vault, ttl="60s", renewable=True)
+        clock = FakeClock(0.0)
+        with httpx.Client() as http:
+            login = VaultLogin(
+                VaultAuth.token(token), dev_vault.addr, http, clock=clock, background=False
+            )
+            assert login.token() == token
+            clock.advance(30)
+            assert login.token() == token
+            assert "last_renewal" not in lookup(dev_vault, token)
+            clock.advance(11)  # 41 s of 60
+            assert login.token() == token
+        assert (login.state.renewals, login.state.logins) == (1, 0)
+        assert "last_renewal" in lookup(dev_vault, token)
+
+    def test_a_renewable_static_token_outlives_its_ttl_while_unused(
+        self, dev_vault: DevVault
+    ) -> None:
+        """The renewal runs in the background: a bot that does not call the daemon for
+        longer than its token's TTL still finds the token valid."""
+        token = token_with(dev_vault, ttl="2s", renewable=True)
+        with BrokerClient("http://127.0.0.1:9", vault_addr=dev_vault.addr, token=token) as b:
+            assert b.login.token() == token
+            wait_until(lambda: b.login.state.renewals >= 2, 10, "two renewals")
+            assert lookup(dev_vault, token)["ttl"] > 0  # 2.6 s and more after a 2 s TTL
+
+    def test_a_non_renewable_token_warns_once_before_it_expires_and_never_fails(
+        self, dev_vault: DevVault, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        token = token_with(dev_vault, ttl="60s", renewable=False)
+        clock = FakeClock(0.0)
+        with httpx.Client() as http, caplog.at_level(logging.WARNING, "backpack_vault.client"):
+            login = VaultLogin(
+                VaultAuth.token(token), dev_vault.addr, http, clock=clock, background=False
+            )
+            assert login.token() == token
+            clock.advance(30)
+            login.token()
+            assert caplog.records == []
+            clock.advance(11)  # a third of its TTL is left
+            login.token()
+            clock.advance(10)
+            login.token()
+            clock.advance(60)  # expired: still handed out, the daemon says what it thinks
+            assert login.token() == token
+        [warning] = caplog.records
+        assert warning.levelno == logging.WARNING
+        assert re.search(r"expires in 1[89] s and cannot be renewed", warning.getMessage())
+        assert token.reveal() not in caplog.text
+        assert login.state.renewals == 0
+
+    def test_vault_unreachable_at_lookup_leaves_the_token_usable(self) -> None:
+        token = Secret("s.static")
+        with httpx.Client() as http:
+            login = VaultLogin(VaultAuth.token(token), f"http://127.0.0.1:{free_port()}", http)
+            assert login.token() == token
+            assert login.token() == token  # asked again only after the backoff
+
+
+class TestBackground:
+    def test_a_logins_token_is_renewed_while_the_bot_is_idle(
+        self,
+        tmp_path: Path,
+        served: str,
+        dev_vault: DevVault,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        kv_prefix: str,
+    ) -> None:
+        pair = store_key(vault, REF)
+        auth = short_role(vault, vault_settings, kv_prefix, tmp_path)
+        with BrokerClient(served, vault_addr=dev_vault.addr, auth=auth) as broker:
+            token = broker.login.token()
+            wait_until(lambda: broker.login.state.renewals >= 2, 10, "two renewals")
+            assert lookup(dev_vault, token)["ttl"] > 0  # 4 s after a 3 s login
+            assert broker.copy(REF).api_key == pair.api_key
+            assert (broker.login.state.logins, broker.login.token()) == (1, token)
+
+    def test_a_dead_token_is_replaced_by_a_fresh_login_in_the_background(
+        self,
+        tmp_path: Path,
+        served: str,
+        dev_vault: DevVault,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        kv_prefix: str,
+    ) -> None:
+        """Its renewal is refused; the background logs in again, before any use."""
+        store_key(vault, REF)
+        auth = short_role(vault, vault_settings, kv_prefix, tmp_path)
+        with BrokerClient(served, vault_addr=dev_vault.addr, auth=auth) as broker:
+            first = broker.login.token()
+            revoke(dev_vault, first)
+            wait_until(lambda: broker.login.state.logins == 2, 10, "a fresh login")
+            assert broker.login.token() != first
+
+    def test_failed_logins_back_off(
+        self,
+        tmp_path: Path,
+        dev_vault: DevVault,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        kv_prefix: str,
+    ) -> None:
+        """With the secret-id gone bad, logins are tried again after 0.2, 0.4, 0.8 s ...,
+        never in a loop; once it is good again, the next try logs in."""
+        auth = short_role(vault, vault_settings, kv_prefix, tmp_path)
+        tried: list[float] = []
+
+        def note(request: httpx.Request) -> None:
+            if request.url.path.endswith("/login"):
+                tried.append(time.monotonic())
+
+        with httpx.Client(event_hooks={"request": [note]}) as http:
+            login = VaultLogin(auth, dev_vault.addr, http, backoff_s=(0.2, 0.8))
+            first = login.token()
+            (tmp_path / "secret-id").write_text("not-the-secret-id")
+            revoke(dev_vault, first)
+            wait_until(lambda: len(tried) >= 5, 15, "four failed logins")
+            (tmp_path / "secret-id").write_text(auth_secret(vault, kv_prefix))
+            wait_until(lambda: login.state.logins == 2, 10, "a login once the secret-id works")
+            login.close()
+        gaps = [later - earlier for earlier, later in itertools.pairwise(tried[1:])]
+        assert all(gap >= wanted * 0.9 for gap, wanted in zip(gaps, [0.2, 0.4, 0.8], strict=False))
+
+    def test_the_async_login_renews_in_a_task(
+        self,
+        tmp_path: Path,
+        dev_vault: DevVault,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        kv_prefix: str,
+    ) -> None:
+        auth = short_role(vault, vault_settings, kv_prefix, tmp_path)
+
+        async def run() -> tuple[int, int, float]:
+            async with httpx.AsyncClient() as http:
+                login = AsyncVaultLogin(auth, dev_vault.addr, http)
+                token = await login.token()
+                deadline = time.monotonic() + 10
+                while login.state.renewals < 2 and time.monotonic() < deadline:  # noqa: ASYNC110 - the task it waits for changes no Event
+                    await asyncio.sleep(0.05)
+                ttl = await asyncio.to_thread(lookup, dev_vault, token)
+                await login.aclose()
+                return login.state.renewals, login.state.logins, ttl["ttl"]
+
+        renewals, logins, ttl = asyncio.run(run())
+        assert (renewals >= 2, logins, ttl > 0) == (True, 1, True)
+
+
+def auth_secret(vault: Vault, kv_prefix: str) -> str:
+    """A fresh, good secret-id of the short role."""
+    _, secret_id = Provisioner(vault).approle_credentials(f"{kv_prefix}-short")
+    return secret_id.reveal()
 
 
 class TestEnvironment:

@@ -25,6 +25,7 @@ import stamina
 import structlog
 
 from backpack_vault.config import Secret
+from backpack_vault.core.clock import iso_utc
 from backpack_vault.core.verdicts import CheckResult
 from backpack_vault.events import Cause, Event, KeyRotated, KeyStatusChanged, PredecessorRetired
 
@@ -219,7 +220,7 @@ def rotation_payload(event: KeyRotated) -> dict[str, Any]:
     """A switch: what the name hands out now, and what the operator does next."""
     record = event.record
     previous = record.previous if record else None
-    safe_at = previous.safe_at if previous else ""
+    safe_at = event.safe_at or (previous.safe_at if previous else "")
     if event.failover:
         summary = (
             f"{event.ref}: failover: {event.old_api_key} was revoked and the standby "
@@ -244,7 +245,7 @@ def rotation_payload(event: KeyRotated) -> dict[str, Any]:
         "previous_api_key": event.old_api_key,
         "new_status": "active",
         "safe_to_delete_at": "" if event.failover else safe_at,
-        "at": record.status_since if record else "",
+        "at": record.status_since if record else iso_utc(),
         "summary": summary,
         "advice": advice,
     }

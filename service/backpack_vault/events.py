@@ -79,7 +79,8 @@ class KeyRotated:
     new_api_key: str
     failover: bool
     cause: Cause
-    record: KeyRecord | None = None
+    record: KeyRecord | None = None  # the record after the switch, when it was read
+    safe_at: str = ""  # a rotation: when deleting the old key in the web UI is safe
 
 
 @dataclass(frozen=True, slots=True)

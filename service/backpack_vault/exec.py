@@ -26,14 +26,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 from backpack_vault.client.broker import BrokerClient, Copy
+from backpack_vault.client.copies import CopyKeeper
 from backpack_vault.client.watch import FINAL_STATUSES
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import ConfigError, KeyNotUsable, ServiceError
@@ -62,7 +61,6 @@ _WITHHELD: Final = (
 )
 _FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _TICK_S: Final = 0.5
-_WATCH_RETRY_S: Final = 5.0
 
 
 def parse_on_change(values: Sequence[str], *, file_sink: bool = False) -> dict[str, str]:
@@ -161,9 +159,13 @@ class _Runner:
         self.options = options
         self.environ = {k: v for k, v in environ.items() if k not in _WITHHELD}
         self.events: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        # The keeper fetches, refreshes and watches the copy; its watcher thread only
+        # queues what it saw, and this loop acts on it.
+        self.keeper = CopyKeeper(
+            broker, options.key, on_change=lambda event: self.events.put(("change", event.event))
+        )
         self.child: subprocess.Popen[bytes] | None = None
         self.copy: Copy | None = None
-        self.stopping = threading.Event()
 
     # -- the child ---------------------------------------------------------------------
 
@@ -202,29 +204,25 @@ class _Runner:
     # -- the loop ----------------------------------------------------------------------
 
     def run(self) -> int:
-        self._provide(self.broker.copy(self.options.key))
         try:
-            self._start()
-        except FileNotFoundError:
-            _remove(self.options.file)
-            print(f"backpack-vault exec: {self.options.command[0]}: not found", file=sys.stderr)  # noqa: T201
-            return 127
-        except PermissionError:
-            _remove(self.options.file)
-            print(f"backpack-vault exec: {self.options.command[0]}: cannot run", file=sys.stderr)  # noqa: T201
-            return 126
-        watcher = threading.Thread(
-            target=self._watch, name="backpack-vault-exec-watch", daemon=True
-        )
-        watcher.start()
-        try:
+            self._provide(self.keeper.current())
+            try:
+                self._start()
+            except FileNotFoundError:
+                return self._cannot_start("not found", 127)
+            except PermissionError:
+                return self._cannot_start("cannot run", 126)
             with _forwarding(self.events):
                 return self._loop()
         finally:
-            self.stopping.set()
             self._terminate()
             _remove(self.options.file)
+            self.keeper.close()
             self.broker.close()
+
+    def _cannot_start(self, why: str, code: int) -> int:
+        print(f"backpack-vault exec: {self.options.command[0]}: {why}", file=sys.stderr)  # noqa: T201
+        return code
 
     def _loop(self) -> int:
         while True:
@@ -235,50 +233,42 @@ class _Runner:
                 kind, value = self.events.get(timeout=_TICK_S)
             except queue.Empty:
                 kind, value = "tick", None
+            code = None
             if kind == "signal" and child is not None and child.poll() is None:
                 child.send_signal(int(value))  # type: ignore[call-overload]
             elif kind == "change":
-                code = self._act(str(value))
-                if code is not None:
-                    return code
-            elif kind == "tick":
-                code = self._refresh_if_due()
-                if code is not None:
-                    return code
+                code = self._follow(watched=True)
+            elif kind == "tick" and self.keeper.due():
+                code = self._follow(watched=False)
+            if code is not None:
+                return code
 
-    def _refresh_if_due(self) -> int | None:
-        copy = self.copy
-        if copy is None or not copy.refresh_due(time.time()):
-            return None
+    def _follow(self, *, watched: bool) -> int | None:
+        """Bring the child up to date with the keeper's copy, or with the key's end.
+
+        A copy of another key or version is a rotation; a fresh copy of the same one is
+        a ``refresh`` when it was due, and nothing when the watch made it (an ``active``
+        change, say, that turned out to name the same key).
+        """
+        held = self.copy
         try:
-            fresh = self.broker.copy(self.options.key)
+            fresh = self.keeper.current()
         except KeyNotUsable as exc:
-            return self._act(exc.status)
+            if exc.status not in FINAL_STATUSES:
+                return None
+            if exc.status == "revoked":
+                _remove(self.options.file)
+            return self._apply(exc.status)
         except ServiceError:
             return None  # the daemon may be back before the copy expires: next tick
-        rotated = fresh.version != copy.version
+        if fresh is held:
+            return None  # the daemon could not answer: the copy held serves on
         self._provide(fresh)
-        return self._apply("rotated" if rotated else "refresh", fetch=False)
+        if held is not None and (fresh.api_key, fresh.version) == (held.api_key, held.version):
+            return None if watched else self._apply("refresh")
+        return self._apply("rotated")
 
-    def _act(self, event: str) -> int | None:
-        if event in FINAL_STATUSES:
-            if event == "revoked":
-                _remove(self.options.file)
-            return self._apply(event, fetch=False)
-        # rotated: a new version under the same name
-        try:
-            fresh = self.broker.copy(self.options.key)
-        except KeyNotUsable as exc:
-            return self._act(exc.status) if exc.status in FINAL_STATUSES else None
-        except ServiceError:
-            return None
-        if self.copy is not None and fresh.version == self.copy.version:
-            return None
-        self._provide(fresh)
-        return self._apply("rotated", fetch=False)
-
-    def _apply(self, event: str, *, fetch: bool) -> int | None:
-        del fetch
+    def _apply(self, event: str) -> int | None:
         action = self.options.actions.get(event, "ignore")
         final = event in FINAL_STATUSES
         if action == "stop":
@@ -291,37 +281,6 @@ class _Runner:
             signum = _signal(action.removeprefix("signal:"))
             if self.child is not None and signum is not None and self.child.poll() is None:
                 self.child.send_signal(signum)
-        return None
-
-    # -- the watch thread --------------------------------------------------------------
-
-    def _watch(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                with self.broker.watch(self.options.key) as watch:
-                    for event in watch:
-                        if self.stopping.is_set():
-                            return
-                        change = self._change_of(event.event, event.status)
-                        if change is not None:
-                            self.events.put(("change", change))
-            except Exception:  # noqa: BLE001, S110 - refused or failing: watch again later
-                pass
-            self.stopping.wait(_WATCH_RETRY_S)
-
-    def _change_of(self, name: str, status: str | None) -> str | None:
-        if name in FINAL_STATUSES or status in FINAL_STATUSES:
-            return name if name in FINAL_STATUSES else status
-        if name == "rotated":
-            return "rotated"
-        if status == "active" and self.copy is not None:
-            # The daemon has no rotated event of its own yet: a new version is one.
-            try:
-                version = self.broker.info(self.options.key).get("version")
-            except ServiceError:
-                return None
-            if version is not None and version != self.copy.version:
-                return "rotated"
         return None
 
 

@@ -201,7 +201,7 @@ class Rotator:
             record, now=now, failover=failover, safe_at=safe_at, verdict=verdict, actor=CHECK_ACTOR
         )
         try:
-            switched = self._vault.switch_to_next(record, secret, patch, event="rotated", at=now)
+            version = self._vault.write_next_pair(record, secret)
         except WriteConflict as exc:
             log.warning("rotation.switch_conflict", key=str(record.ref), error=exc.message)
             return None
@@ -215,6 +215,19 @@ class Rotator:
                 "`backpack-vault vault setup` to update the daemon's policy",
             )
             return None
+        # The name points to the next key from this write on: this replica stops handing
+        # out the old one now, before the metadata follows; other replicas learn of it from
+        # the feed, which finish_switch writes.
+        self._emit(
+            KeyRotated(
+                record.ref,
+                record.api_key,
+                nxt.api_key,
+                failover,
+                Cause.CHECK,
+                safe_at="" if failover else safe_at,
+            )
+        )
         log.warning(
             "rotation.switched",
             key=str(record.ref),
@@ -223,12 +236,13 @@ class Rotator:
             failover=failover,
             safe_to_delete_at="" if failover else safe_at,
         )
-        self._emit(
-            KeyRotated(
-                record.ref, record.api_key, nxt.api_key, failover, Cause.CHECK, record=switched
+        try:
+            return self._vault.finish_switch(
+                record.ref, patch, event="rotated", at=now, version=version
             )
-        )
-        return switched
+        except ServiceError as exc:  # the pair is written: the next check finishes the rest
+            log.warning("rotation.finish_failed", key=str(record.ref), error=exc.message)
+            return self._vault.read_record(record.ref)
 
     def _finish_stopped_switch(self, record: KeyRecord) -> str:
         """The pair was written but not the metadata: finish from what the metadata says."""

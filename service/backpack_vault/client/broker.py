@@ -13,14 +13,17 @@ fetches a fresh copy at about two thirds of its lifetime. While it holds a copy
 it watches the key (:mod:`backpack_vault.client.watch`, a background thread):
 when the key is retired or revoked the copy is dropped at once and the next
 request raises KeyRetired or KeyRevoked; on a rotation the next request fetches
-the successor. ``sign`` mode asks the daemon for the four headers of every
-request; the secret never reaches the bot, and the daemon refuses a retired or
-revoked key (409: KeyRetired, KeyRevoked).
+the successor (the rules: :mod:`backpack_vault.client.copies`). ``sign`` mode
+asks the daemon for the four headers of every request; the secret never reaches
+the bot, and the daemon refuses a retired or revoked key (409: KeyRetired,
+KeyRevoked).
 
 A Backpack rejection is reported to the daemon, which checks the key at once. In
 copy mode the request then waits (at most ``confirm_s``, 3 s) for the daemon's
-verdict and raises KeyRevoked if the key was revoked; otherwise the answer is
-returned as it came, and the copy kept: never a loop of fresh copies and 401s.
+verdict and raises KeyRevoked if the key was revoked; if the name switched to
+another key meanwhile (a failover to its standby), the same request is sent once
+more, signed by that key; otherwise the answer is returned as it came, and the
+copy kept: never a loop of fresh copies and 401s.
 Errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...) are in
 :mod:`backpack_vault.errors`.
 """
@@ -28,11 +31,14 @@ Errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...) are in
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import ssl
 import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
@@ -40,29 +46,29 @@ import httpx
 
 from backpack_vault.backpack.instructions import lookup
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params
+from backpack_vault.client.copies import CopyKeeper, Verdict
 from backpack_vault.client.protocol import (
     REFRESH_FRACTION,
+    REPORT_EVERY_S,
     Copy,
+    Reports,
     answer_json,
     error_from,
     is_rejection,
     key_url,
     parse_copy,
+    rejection_reason,
     request_params,
     says_token_dead,
     sign_body,
+    tls_context,
     unreachable,
     unwrapped,
 )
 from backpack_vault.client.protocol import ref as _ref
+from backpack_vault.client.transport import Lean, LeanError
 from backpack_vault.client.vault_auth import VaultAuth, VaultLogin, client_env
-from backpack_vault.client.watch import (
-    FINAL_STATUSES,
-    READ_TIMEOUT_S,
-    Watch,
-    WatchEvent,
-    follow,
-)
+from backpack_vault.client.watch import FINAL_STATUSES, READ_TIMEOUT_S, Watch, WatchEvent
 from backpack_vault.config import Secret
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.errors import (
@@ -80,11 +86,13 @@ from backpack_vault.errors import (
 
 __all__ = [
     "REFRESH_FRACTION",
+    "REPORT_EVERY_S",
     "AccessDenied",
     "BrokerAuth",
     "BrokerClient",
     "BrokerUnavailable",
     "Copy",
+    "CopyKeeper",
     "CopyUnavailable",
     "KeyPending",
     "KeyRetired",
@@ -95,9 +103,7 @@ __all__ = [
     "is_rejection",
 ]
 
-REPORT_EVERY_S: Final = 10.0
 CONFIRM_S: Final = 3.0  # after a report, how long a request waits for the daemon's verdict
-_INFO_EVERY_S: Final = 0.5  # while no watch is connected, how often info is asked meanwhile
 _JOIN_S: Final = 2.0
 
 
@@ -123,8 +129,10 @@ class BrokerClient:
         http: httpx.Client | None = None,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
-        verify: str | bool = True,
+        verify: str | bool | ssl.SSLContext = True,
     ) -> None:
+        """``verify``: the CA bundle (a path) that verifies the daemon and Vault, True for
+        the usual trust, False for none; it serves only a client made here (no ``http``)."""
         if auth is None:
             if token is not None:
                 auth = VaultAuth.token(token)
@@ -137,8 +145,14 @@ class BrokerClient:
                 )
         self.url = url.rstrip("/")
         self.vault_addr = vault_addr.rstrip("/")
-        self._http = http or httpx.Client(timeout=timeout, verify=verify)
+        tls = tls_context(verify) if http is None else None
+        self._http = http or httpx.Client(timeout=timeout, verify=tls or True)
         self._owns_http = http is None
+        # The daemon's calls take the lean path (client/transport.py) unless the caller
+        # handed in an httpx.Client: then its hooks, transport and proxies serve them all.
+        self._lean_settings = (timeout, tls) if tls is not None else None
+        self._lean: tuple[str, Lean | None] | None = None
+        self._lean_lock = threading.Lock()
         self.login = VaultLogin(auth, self.vault_addr, self._http)
         self._clock = clock
         self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
@@ -164,11 +178,15 @@ class BrokerClient:
         )
 
     def close(self) -> None:
-        """End every watch (and the watcher threads of this client's auths), then the client."""
+        """End every watch (and the watcher threads of this client's auths) and the login's
+        background renewal, then the client."""
         for watch in list(self._watches):
             watch.close()
         for thread in list(self._threads):
             thread.join(_JOIN_S)
+        self.login.close()
+        if self._lean is not None and self._lean[1] is not None:
+            self._lean[1].close()
         if self._owns_http:
             self._http.close()
 
@@ -191,16 +209,7 @@ class BrokerClient:
         for attempt in (1, 2):
             token = self._vault_token()
             try:
-                response = self._http.request(
-                    method,
-                    self._url(key, suffix),
-                    json=body,
-                    headers={"X-Vault-Token": token.reveal()},
-                )
-            except httpx.HTTPError as exc:
-                raise unreachable(f"the broker at {self.url}", exc) from None
-            try:
-                return answer_json(response, str(key), self.url)
+                return self._send(method, key, suffix, body, token)
             except ServiceError as exc:
                 # A dead token (expired, revoked): log in again once, if the method can.
                 if attempt == 2 or not says_token_dead(exc):  # noqa: PLR2004 - the second try
@@ -210,6 +219,52 @@ class BrokerClient:
                 if not self.login.dead(token):
                     raise
         raise AssertionError  # pragma: no cover - the loop returns or raises
+
+    def _send(self, method: str, key: KeyRef, suffix: str, body: Any, token: Secret) -> Any:
+        """One call to the daemon: its JSON answer, or our error for it."""
+        lean = self._lean_for_url()
+        if lean is None:
+            try:
+                response = self._http.request(
+                    method,
+                    self._url(key, suffix),
+                    json=body,
+                    headers={"X-Vault-Token": token.reveal()},
+                )
+            except httpx.HTTPError as exc:
+                raise unreachable(f"the broker at {self.url}", exc) from None
+            return answer_json(response, str(key), self.url)
+        content = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        try:
+            status, headers, answer = lean.request(
+                method, key_url("", key, suffix), content, token.reveal()
+            )
+        except LeanError as exc:
+            raise BrokerUnavailable(f"the broker at {self.url} is unreachable: {exc}") from None
+        if HTTPStatus.OK <= status < HTTPStatus.MULTIPLE_CHOICES:
+            try:
+                return json.loads(answer)
+            except ValueError:
+                raise BrokerUnavailable(
+                    f"the broker at {self.url} answered with invalid JSON"
+                ) from None
+        raise error_from(httpx.Response(status, headers=headers, content=answer), str(key))
+
+    def _lean_for_url(self) -> Lean | None:
+        """The lean pool for the daemon at :attr:`url` (made anew if the URL changed)."""
+        if self._lean_settings is None:
+            return None
+        lean = self._lean
+        if lean is None or lean[0] != self.url:
+            with self._lean_lock:
+                lean = self._lean
+                if lean is None or lean[0] != self.url:
+                    if lean is not None and lean[1] is not None:
+                        lean[1].close()
+                    timeout, tls = self._lean_settings
+                    lean = (self.url, Lean.for_url(self.url, timeout=timeout, tls=tls))
+                    self._lean = lean
+        return lean[1]
 
     # -- the four calls -------------------------------------------------------------------
 
@@ -317,15 +372,18 @@ class BrokerAuth(httpx.Auth):
     """Signs Backpack requests through a BrokerClient; thread-safe.
 
     It talks to the daemon with a blocking ``httpx.Client``, so with an
-    ``httpx.AsyncClient`` each signature blocks the event loop for one round trip.
+    ``httpx.AsyncClient`` each signature blocks the event loop for one round trip
+    (:class:`~backpack_vault.client.aio.AsyncBrokerAuth` does not).
 
-    Copy mode: the key is watched while a copy is held; a ``retired`` or
-    ``revoked`` event drops the copy, and every request after it raises
-    KeyRetired or KeyRevoked without a round trip (a revoked key that is
-    reinstated becomes usable again). A rejection by Backpack is reported to the
-    daemon (at most every ``REPORT_EVERY_S`` seconds) and confirmed: the request
-    waits up to ``confirm_s`` for the daemon's verdict, by the watch or else by
-    asking ``info``, and raises KeyRevoked when the daemon revoked the key.
+    Copy mode keeps its copy in a :class:`~backpack_vault.client.copies.CopyKeeper`
+    (:attr:`copies`): refreshed at two thirds of its life, watched, dropped on a
+    rotation, cut off on a retire or revoke (every request after it raises KeyRetired
+    or KeyRevoked without a round trip; a revoked key that is reinstated becomes usable
+    again). A rejection by Backpack is reported to the daemon (at most every
+    ``REPORT_EVERY_S`` seconds) and, in copy mode, confirmed: the request waits up to
+    ``confirm_s`` for the daemon's verdict, by the watch or else by asking ``info``,
+    and raises KeyRevoked when the daemon revoked the key, or is sent again, signed by
+    the successor, when the name switched keys meanwhile.
     """
 
     requires_response_body = True
@@ -348,154 +406,72 @@ class BrokerAuth(httpx.Auth):
         self.window = window
         self._clock = clock
         self._monotonic = monotonic
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._copy: Copy | None = None
-        self._unusable: str | None = None  # "revoked" or "retired", as the daemon said
-        self._last_report = float("-inf")
-        self._watch_enabled = watch and mode == "copy"
         self._confirm_s = confirm_s
-        self._watch: Watch | None = None
+        self.copies = CopyKeeper(broker, key, watch=watch, clock=clock) if mode == "copy" else None
+        self._reports = Reports(REPORT_EVERY_S, clock)
 
     @property
     def watching(self) -> bool:
-        """Whether the key's watch stream is connected now."""
-        return self._watch is not None and self._watch.connected
+        """Whether the key's watch stream is connected now (copy mode)."""
+        return self.copies is not None and self.copies.watching
 
     @property
     def unusable(self) -> str | None:
         """``"retired"`` or ``"revoked"`` once the daemon said so (watch or info), else None."""
-        with self._lock:
-            return self._unusable
+        return self.copies.cut_off if self.copies is not None else None
 
     def current_copy(self) -> Copy:
-        """The copy in use, fetched anew at two thirds of its lifetime."""
-        with self._lock:
-            if self._unusable is not None:
-                raise not_usable(str(self.key), self._unusable)
-            now = self._clock()
-            if self._copy is None or self._copy.refresh_due(now):
-                try:
-                    self._copy = self.broker.copy(self.key)
-                except BrokerUnavailable:
-                    # Keep signing with the old copy while it is valid; the daemon may be back soon.
-                    if self._copy is None or self._copy.expired(now):
-                        raise
-            self._start_watching()
-            return self._copy
+        """The copy in use, fetched anew at two thirds of its lifetime (copy mode)."""
+        if self.copies is None:
+            raise ConfigError("a sign-mode auth holds no copy")
+        return self.copies.current()
 
     def headers_for(self, request: httpx.Request) -> Mapping[str, str]:
+        """The four headers for ``request``: the daemon's (sign mode) or the copy's."""
+        return self._signed(request)[0]
+
+    def _signed(self, request: httpx.Request) -> tuple[Mapping[str, str], Copy | None]:
         instruction = lookup(request.method, request.url.path).instruction
         params = _params(request)
-        if self.mode == "sign":
-            return self.broker.sign(self.key, instruction, params, window=self.window)
+        if self.copies is None:
+            return self.broker.sign(self.key, instruction, params, window=self.window), None
+        copy = self.copies.current()
         stamp = int(self._clock() * 1000)
-        return self.current_copy().headers(
-            instruction, params, stamp, self.window or DEFAULT_WINDOW_MS
-        )
+        return copy.headers(instruction, params, stamp, self.window or DEFAULT_WINDOW_MS), copy
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers.update(self.headers_for(request))
+        headers, signer = self._signed(request)
+        request.headers.update(headers)
         response = yield request
-        if is_rejection(response):
-            self._rejected(response)
+        if not is_rejection(response):
+            return
+        refused = request.headers.get("X-API-Key", "")
+        if self._rejected(response, signer) == "rotated" or self.copies is None:
+            # The name may have switched keys while Backpack refused this one (a failover
+            # to its standby): Backpack did not act on the request, so if the daemon now
+            # signs with another key, that key sends it once more.
+            try:
+                request.headers.update(self.headers_for(request))
+            except ServiceError:
+                return  # refused now (revoked, retired): Backpack's answer stands
+            if request.headers.get("X-API-Key", "") != refused:
+                yield request
 
     def close(self) -> None:
         """Stop watching the key (the watcher thread ends)."""
-        with self._lock:
-            watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.close()
+        if self.copies is not None:
+            self.copies.close()
 
-    # -- the watch ------------------------------------------------------------------------
-
-    def _start_watching(self) -> None:
-        """Under the lock: once a copy is held, watch the key in a daemon thread."""
-        if not self._watch_enabled or self._watch is not None:
-            return
-        watch = self.broker.watch(self.key)
-        self._watch = watch
-        thread = threading.Thread(
-            target=follow,
-            args=(weakref.ref(self), watch),
-            name=f"backpack-vault-watch:{self.key}",
-            daemon=True,
-        )
-        weakref.finalize(self, watch.close)  # an auth nobody holds stops watching
-        self.broker._track(thread)  # noqa: SLF001 - the client that made this auth
-        thread.start()
-
-    def on_watch_event(self, event: WatchEvent) -> bool:
-        """Act on one event of the key's watch; False when there is nothing left to watch."""
-        status = event.status or ""
-        with self._lock:
-            if event.event in FINAL_STATUSES or status in FINAL_STATUSES:
-                self._copy = None
-                self._unusable = status if status in FINAL_STATUSES else event.event
-            elif event.event == "rotated":
-                self._copy = None  # the next request fetches the successor
-            elif status == "active" and self._unusable is not None:
-                self._unusable = None  # a revoked key was reinstated
-            self._changed.notify_all()
-            return self._unusable != "retired"  # retired is for good
-
-    # -- rejections -----------------------------------------------------------------------
-
-    def _rejected(self, response: httpx.Response) -> None:
-        with self._lock:
-            now = self._clock()
-            if now - self._last_report < REPORT_EVERY_S:
-                return  # reported (and confirmed) moments ago: this answer goes back as is
-            self._last_report = now
-        try:
-            body = response.json()
-            detail = f"{body.get('code', '')} {body.get('message', '')}".strip()
-        except (ValueError, AttributeError):
-            detail = ""
-        reason = f"Backpack answered {response.status_code} {detail}".strip()[:200]
+    def _rejected(self, response: httpx.Response, signer: Copy | None) -> Verdict:
+        """Report the rejection; in copy mode, the daemon's verdict (a final one raised)."""
+        if not self._reports.due():
+            return None  # reported (and confirmed) moments ago: this answer goes back as is
         # RateLimited: the daemon has heard it already; unavailable: it checks on schedule.
         with contextlib.suppress(RateLimited, BrokerUnavailable):
-            self.broker.report(self.key, reason)
-        if self.mode != "copy":
-            return  # the daemon refuses the next signature once it has revoked the key
-        status = self._confirm()
-        if status is not None:
-            raise not_usable(str(self.key), status)
-
-    def _confirm(self) -> str | None:
-        """The daemon's verdict after a report: "revoked" or "retired", or None within
-        ``confirm_s`` (the key stays usable as far as the daemon knows)."""
-        deadline = self._monotonic() + self._confirm_s
-        asked = False
-        while True:
-            with self._lock:
-                if self._unusable is not None:
-                    return self._unusable
-            if not asked or not self.watching:
-                asked = True
-                status = self._ask_info()
-                if status is not None:
-                    return status
-            remaining = deadline - self._monotonic()
-            if remaining <= 0:
-                return None
-            with self._lock:
-                if self._unusable is None:
-                    wait = remaining if self.watching else min(remaining, _INFO_EVERY_S)
-                    self._changed.wait(wait)
-
-    def _ask_info(self) -> str | None:
-        """Ask the daemon; mark the key when it is final; drop a copy of an older version."""
-        try:
-            info = self.broker.info(self.key)
-        except ServiceError:
-            return None
-        status, version = str(info.get("status", "")), info.get("version")
-        with self._lock:
-            if status in FINAL_STATUSES:
-                self._copy = None
-                self._unusable = status
-                return status
-            if self._copy is not None and version is not None and version != self._copy.version:
-                self._copy = None  # a successor is stored under this name: fetch it next time
-        return None
+            self.broker.report(self.key, rejection_reason(response))
+        if self.copies is None:
+            return None  # the daemon refuses the next signature once it has revoked the key
+        verdict = self.copies.verdict(self._confirm_s, signer=signer, monotonic=self._monotonic)
+        if verdict in FINAL_STATUSES:
+            raise not_usable(str(self.key), str(verdict))
+        return verdict

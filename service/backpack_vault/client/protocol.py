@@ -8,6 +8,9 @@ Pure apart from reading ``httpx.Response`` objects already received: the blockin
 from __future__ import annotations
 
 import json
+import ssl
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
@@ -36,19 +39,25 @@ from backpack_vault.errors import (
 
 __all__ = [
     "REFRESH_FRACTION",
+    "REPORT_EVERY_S",
     "Copy",
+    "Reports",
     "error_from",
     "is_rejection",
     "key_url",
     "parse_copy",
     "ref",
+    "rejection_reason",
     "request_params",
     "sign_body",
+    "tls_context",
     "unreachable",
     "unwrapped",
 ]
 
 REFRESH_FRACTION: Final = 2 / 3
+REPORT_EVERY_S: Final = 10.0  # a key's rejections are reported at most this often
+_REASON_CHARS: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,16 @@ def sign_body(
     return body
 
 
+def tls_context(verify: str | bool | ssl.SSLContext) -> ssl.SSLContext:
+    """What verifies the daemon and Vault: a CA bundle's path, True (httpx's own trust:
+    certifi, or ``SSL_CERT_FILE``), False (nothing), or a context of the caller's."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if isinstance(verify, str):  # httpx deprecates verify=<path>: a context instead
+        return ssl.create_default_context(cafile=verify)
+    return httpx.create_ssl_context(verify=verify)
+
+
 def unreachable(what: str, exc: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(f"{what} is unreachable: {type(exc).__name__}")
 
@@ -153,6 +172,35 @@ def is_rejection(response: httpx.Response) -> bool:
     """Whether a Backpack answer means the key itself was refused (not a clock or order
     problem): the verdict table the daemon's checks use, for an ordinary request."""
     return is_key_rejection(parse_answer(response.status_code, response.text))
+
+
+def rejection_reason(response: httpx.Response) -> str:
+    """What a report says of Backpack's answer: its status, code and message, short."""
+    try:
+        body = response.json()
+        detail = f"{body.get('code', '')} {body.get('message', '')}".strip()
+    except (ValueError, AttributeError):
+        detail = ""
+    return f"Backpack answered {response.status_code} {detail}".strip()[:_REASON_CHARS]
+
+
+class Reports:
+    """When to tell the daemon of a rejection: at most once per ``every_s``; thread-safe."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float]) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._last = float("-inf")
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        """True (and noted) when it is time to report; False when one went out moments ago."""
+        with self._lock:
+            now = self._clock()
+            if now - self._last < self._every_s:
+                return False
+            self._last = now
+            return True
 
 
 def says_token_dead(error: ServiceError) -> bool:

@@ -9,9 +9,17 @@ Methods: a static token (``token``), a file another process keeps fresh
 (``token-file``, read on every use), AppRole and Kubernetes. A token from a
 login is renewed (``auth/token/renew-self``) at two thirds of its TTL; when the
 renewal fails, when its max TTL is near, or when the daemon says the token is
-dead, the next use logs in again, with backoff (0.5 s doubling to 30 s) between
-failed attempts. A static token is only reported (NotAuthenticated): there is no
-way to get another one.
+dead, it logs in again, with backoff (0.5 s doubling to 30 s) between failed
+attempts. A static token is looked up once (``lookup-self``): a renewable one is
+renewed at two thirds of its TTL like any other; one that cannot be renewed (or
+whose renewals reach its max TTL) is used until it expires, with one warning on
+the ``backpack_vault.client`` logger when a third of its TTL is left. A dead
+static token is only reported (NotAuthenticated): there is no way to get another.
+
+Renewal does not wait for the bot to use the token: a background thread (a task,
+for :class:`AsyncVaultLogin`) wakes when something is due, as Vault Agent's
+lifetime watcher does, so a bot idle for longer than its token's TTL still finds
+it valid. Each use also renews or logs in when due, so a renewal is never missed.
 
 The steps are pure (:class:`LoginState` decides, :func:`login_request` and
 :func:`parse_login` build and read Vault's HTTP API); :class:`VaultLogin` drives
@@ -37,8 +45,12 @@ Environment (:meth:`VaultAuth.from_env`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -66,6 +78,11 @@ METHODS: Final = ("token", "token-file", "approle", "kubernetes")
 RENEW_FRACTION: Final = 2 / 3
 BACKOFF_S: Final = (0.5, 30.0)  # the first wait after a failed login, and the cap
 DEFAULT_JWT_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+_MIN_WAKE_S: Final = 0.1  # a background renewal never spins faster than this
+_JOIN_S: Final = 2.0
+
+# The client's one logger is the standard library's: a bot configures it as it likes.
+log = logging.getLogger("backpack_vault.client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,22 +242,48 @@ def unreachable(vault_addr: str, exc: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(f"Vault at {vault_addr} is unreachable: {type(exc).__name__}")
 
 
+def parse_lookup(response: httpx.Response) -> tuple[float, bool, float] | None:
+    """A token's own TTL from ``lookup-self``: (TTL left, renewable, TTL at creation);
+    None when Vault will not say (a dead token, or one that may not look itself up)."""
+    status = response.status_code
+    if status in (HTTPStatus.BAD_REQUEST, HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+        return None
+    if status != HTTPStatus.OK:
+        raise BrokerUnavailable(f"Vault answered {status} to the worker's token lookup")
+    try:
+        data: Any = response.json()["data"]
+        ttl = float(data.get("ttl") or 0)
+        return ttl, bool(data.get("renewable")), float(data.get("creation_ttl") or ttl)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BrokerUnavailable(
+            "Vault's answer to the worker's token lookup is unreadable"
+        ) from None
+
+
+Step = Literal["login", "renew", "lookup"]
+
+
 class LoginState:
     """What to do next with the worker's token; pure (``now`` is passed), not locked.
 
-    ``next_step(now)`` is ``"login"``, ``"renew"`` or None (use :attr:`token`).
+    ``next_step(now)`` is ``"login"``, ``"renew"``, ``"lookup"`` (a static token's TTL,
+    asked of Vault once) or None (use :attr:`token`); :meth:`wake_at` says when one
+    is next due, which is when a background renewal wakes up.
     """
 
     def __init__(self, auth: VaultAuth, *, backoff_s: tuple[float, float] = BACKOFF_S) -> None:
         self.auth = auth
         self._backoff_s = backoff_s
-        self._lease: Lease | None = None
+        static = auth.token_value if auth.method == "token" else None
+        self._lease: Lease | None = Lease(static, 0.0, renewable=False) if static else None
+        self._lookup_due = static is not None
         self._obtained = 0.0
         self._first_ttl = 0.0
         self._renew_ok = False
         self._retry_at = float("-inf")
         self._delay = backoff_s[0]
         self._error: Exception | None = None
+        self._warned = False
         self.logins = 0
         self.renewals = 0
 
@@ -248,44 +291,103 @@ class LoginState:
     def token(self) -> Secret | None:
         return self._lease.token if self._lease is not None else None
 
-    def next_step(self, now: float) -> Literal["login", "renew"] | None:
-        if self._lease is None:
+    def _renew_at(self, lease: Lease) -> float:
+        return self._obtained + lease.ttl_s * RENEW_FRACTION
+
+    def next_step(self, now: float) -> Step | None:
+        lease = self._lease
+        if lease is None:
             return "login"
-        ttl = self._lease.ttl_s
-        if ttl <= 0 or now < self._obtained + ttl * RENEW_FRACTION:
+        if self._lookup_due:
+            return "lookup" if now >= self._retry_at else None
+        if lease.ttl_s <= 0 or now < self._renew_at(lease):
             return None
-        return "renew" if self._renew_ok else "login"
+        if self._renew_ok:
+            # A static token that failed to renew (Vault unreachable) waits out its backoff.
+            return "renew" if self.auth.logs_in or now >= self._retry_at else None
+        return "login" if self.auth.logs_in else None
+
+    def wake_at(self) -> float:
+        """When :meth:`next_step` (or the expiry warning) is next due, on the clock's
+        scale; ``-inf`` for now, ``inf`` for never."""
+        lease = self._lease
+        if lease is None or self._lookup_due:
+            return self._retry_at
+        if lease.ttl_s <= 0:
+            return math.inf
+        if self.auth.logs_in or self._renew_ok:
+            return max(self._renew_at(lease), self._retry_at)
+        return math.inf if self._warned else self._renew_at(lease)
 
     def check_backoff(self, now: float) -> None:
         """Raise the last failure again while the backoff after it lasts."""
         if self._error is not None and now < self._retry_at:
             raise self._error
 
+    def _back_off(self, now: float) -> None:
+        self._retry_at = now + self._delay
+        self._delay = min(self._delay * 2, self._backoff_s[1])
+
     def logged_in(self, lease: Lease, now: float) -> None:
         self._lease, self._obtained, self._first_ttl = lease, now, lease.ttl_s
         self._renew_ok = lease.renewable
-        self._error, self._delay = None, self._backoff_s[0]
+        self._error, self._delay, self._warned = None, self._backoff_s[0], False
         self.logins += 1
+
+    def looked_up(self, found: tuple[float, bool, float] | None, now: float) -> None:
+        """A static token's TTL as Vault said; None: it would not say, so none is watched."""
+        self._lookup_due = False
+        self._delay = self._backoff_s[0]
+        if found is None or self._lease is None:
+            return
+        ttl, renewable, first_ttl = found
+        self._lease = Lease(self._lease.token, ttl, renewable)
+        self._obtained, self._first_ttl, self._renew_ok = now, first_ttl or ttl, renewable
+
+    def lookup_failed(self, now: float) -> None:
+        """Vault could not be asked: the token is used as it is, and asked about later."""
+        self._back_off(now)
 
     def renewed(self, lease: Lease, now: float) -> None:
         # A renewal capped by the max TTL is not an error: once less than a third of the
-        # first TTL is granted, the next step is a fresh login.
+        # first TTL is granted, the next step is a fresh login (or, for a static token,
+        # the warning that it will expire).
         self._lease = Lease(
             self._lease.token if self._lease else lease.token, lease.ttl_s, renewable=True
         )
         self._obtained = now
         self._renew_ok = lease.renewable and lease.ttl_s >= self._first_ttl / 3
+        self._retry_at, self._delay = float("-inf"), self._backoff_s[0]
         self.renewals += 1
 
-    def renew_failed(self) -> None:
-        self._renew_ok = False
-        if self._lease is not None:
-            self._lease = Lease(self._lease.token, 0.001, renewable=False)  # due: log in now
-            self._obtained = float("-inf")
+    def renew_failed(self, now: float, *, refused: bool = True) -> None:
+        """A login's token is replaced by a fresh login at once. A static token is
+        renewed again after a backoff when Vault could not be reached, and never again
+        when Vault refused (it will say when the token is about to expire)."""
+        if self.auth.logs_in:
+            self._renew_ok = False
+            if self._lease is not None:
+                self._lease = Lease(self._lease.token, 0.001, renewable=False)  # due: log in
+                self._obtained = float("-inf")
+        elif refused:
+            self._renew_ok = False
+        else:
+            self._back_off(now)
 
     def failed(self, exc: Exception, now: float) -> None:
-        self._error, self._retry_at = exc, now + self._delay
-        self._delay = min(self._delay * 2, self._backoff_s[1])
+        self._error = exc
+        self._back_off(now)
+
+    def expiry_warning(self, now: float) -> float | None:
+        """Once, when a token that can be neither renewed nor replaced has a third of its
+        TTL left: the seconds left (someone must give the worker a new token)."""
+        lease = self._lease
+        if self.auth.logs_in or self._warned or self._lookup_due or lease is None:
+            return None
+        if lease.ttl_s <= 0 or self._renew_ok or now < self._renew_at(lease):
+            return None
+        self._warned = True
+        return max(self._obtained + lease.ttl_s - now, 0.0)
 
     def dead(self, token: Secret) -> bool:
         """The daemon says ``token`` is dead: forget it; True when a login may bring another."""
@@ -319,50 +421,95 @@ class _Login:
         *,
         clock: Callable[[], float],
         backoff_s: tuple[float, float],
+        background: bool,
     ) -> None:
         self.auth = auth
         self.vault_addr = vault_addr.rstrip("/")
         self.state = LoginState(auth, backoff_s=backoff_s)
         self._clock = clock
+        self._background = background
 
-    def _static(self) -> Secret | None:
-        if self.auth.method == "token":
-            return self.auth.token_value
+    def _quick(self) -> Secret | None:
+        """The token when nothing is due: no lock, no round trip (the common case)."""
         if self.auth.method == "token-file":
             # Read each time: Vault Agent rewrites the file when it renews or logs in again.
             return read_secret_file(self.auth.path, "the token file", error=NotAuthenticated)
+        token = self.state.token
+        if token is not None and self._clock() < self.state.wake_at():
+            return token
         return None
 
+    def _wakes(self) -> bool:
+        """Whether a background renewal has something to wait for."""
+        return self._background and not math.isinf(self.state.wake_at())
+
     def _flow(self) -> Generator[httpx.Request, httpx.Response | Exception, Secret]:
-        """Under the caller's lock: renew or log in as due; returns the token to use."""
+        """Under the caller's lock: look up, renew or log in as due; the token to use."""
         state, now = self.state, self._clock()
         step = state.next_step(now)
-        if step == "renew" and state.token is not None:
-            answer = yield httpx.Request(
-                "POST", _renew_url(self.vault_addr), headers={"X-Vault-Token": state.token.reveal()}
-            )
-            try:
-                if isinstance(answer, Exception):
-                    raise answer
-                state.renewed(parse_login(answer, "token renewal"), now)
-            except (NotAuthenticated, BrokerUnavailable, httpx.HTTPError):
-                state.renew_failed()
+        if step == "lookup":
+            yield from self._look_up(now)
+            step = state.next_step(now)
+        if step == "renew":
+            yield from self._renew(now)
             step = state.next_step(now)
         if step == "login":
-            state.check_backoff(now)
-            try:
-                url, body = login_request(self.auth, self.vault_addr)
-                answer = yield httpx.Request("POST", url, json=body)
-                if isinstance(answer, Exception):
-                    raise unreachable(self.vault_addr, answer)
-                state.logged_in(parse_login(answer, f"{self.auth.method} login"), now)
-            except (NotAuthenticated, BrokerUnavailable, ConfigError) as exc:
-                state.failed(exc, now)
-                raise
+            yield from self._log_in(now)
+        left = state.expiry_warning(now)
+        if left is not None:
+            log.warning(
+                "backpack_vault: the worker's Vault token expires in %.0f s and cannot be "
+                "renewed; give the worker a new token, or let it log in by itself "
+                "(token-file, AppRole or Kubernetes auth)",
+                left,
+            )
         token = state.token
         if token is None:  # pragma: no cover - logged_in always sets one
             raise NotAuthenticated("no Vault token")
         return token
+
+    def _look_up(self, now: float) -> Generator[httpx.Request, httpx.Response | Exception, None]:
+        state = self.state
+        if state.token is None:  # pragma: no cover - only a static token is looked up
+            return
+        answer = yield self._lookup(state.token)
+        try:
+            if isinstance(answer, Exception):
+                raise answer
+            found = parse_lookup(answer)
+        except (BrokerUnavailable, httpx.HTTPError):
+            state.lookup_failed(now)
+        else:
+            state.looked_up(found, now)
+
+    def _renew(self, now: float) -> Generator[httpx.Request, httpx.Response | Exception, None]:
+        state = self.state
+        if state.token is None:  # pragma: no cover - a renewal is due only with a token
+            return
+        answer = yield httpx.Request(
+            "POST", _renew_url(self.vault_addr), headers={"X-Vault-Token": state.token.reveal()}
+        )
+        try:
+            if isinstance(answer, Exception):
+                raise answer
+            state.renewed(parse_login(answer, "token renewal"), now)
+        except NotAuthenticated:
+            state.renew_failed(now, refused=True)
+        except (BrokerUnavailable, httpx.HTTPError):
+            state.renew_failed(now, refused=False)
+
+    def _log_in(self, now: float) -> Generator[httpx.Request, httpx.Response | Exception, None]:
+        state = self.state
+        state.check_backoff(now)
+        try:
+            url, body = login_request(self.auth, self.vault_addr)
+            answer = yield httpx.Request("POST", url, json=body)
+            if isinstance(answer, Exception):
+                raise unreachable(self.vault_addr, answer)
+            state.logged_in(parse_login(answer, f"{self.auth.method} login"), now)
+        except (NotAuthenticated, BrokerUnavailable, ConfigError) as exc:
+            state.failed(exc, now)
+            raise
 
     def _lookup(self, token: Secret) -> httpx.Request:
         return httpx.Request(
@@ -371,7 +518,12 @@ class _Login:
 
 
 class VaultLogin(_Login):
-    """The worker's token over a blocking ``httpx.Client``; thread-safe."""
+    """The worker's token over a blocking ``httpx.Client``; thread-safe.
+
+    With ``background`` (the default) a daemon thread renews the token at two thirds
+    of its TTL, or logs in again, whether or not the bot uses it meanwhile, as Vault
+    Agent's lifetime watcher does; :meth:`close` ends it.
+    """
 
     def __init__(
         self,
@@ -381,16 +533,20 @@ class VaultLogin(_Login):
         *,
         clock: Callable[[], float] = time.monotonic,
         backoff_s: tuple[float, float] = BACKOFF_S,
+        background: bool = True,
     ) -> None:
-        super().__init__(auth, vault_addr, clock=clock, backoff_s=backoff_s)
+        super().__init__(auth, vault_addr, clock=clock, backoff_s=backoff_s, background=background)
         self._http = http
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        weakref.finalize(self, self._stop.set)  # a login nobody holds stops renewing
 
     def token(self) -> Secret:
-        """The token to send now: logged in, renewed or read from its file as needed."""
-        static = self._static()
-        if static is not None:
-            return static
+        """The token to send now: looked up, renewed, logged in or read as needed."""
+        quick = self._quick()
+        if quick is not None:
+            return quick
         with self._lock:
             flow = self._flow()
             try:
@@ -401,10 +557,34 @@ class VaultLogin(_Login):
                         answer = self._http.send(request)
                     except httpx.HTTPError as exc:
                         answer = exc
+                    except RuntimeError as exc:  # the httpx client was closed
+                        answer = httpx.TransportError(str(exc))
                     request = flow.send(answer)
             except StopIteration as done:
                 token: Secret = done.value
-                return token
+            self._keep_renewing()
+        return token
+
+    def _keep_renewing(self) -> None:
+        """Under the lock: once there is a TTL to watch, a thread renews ahead of use."""
+        if not self._wakes() or self._stop.is_set():
+            return
+        if self._renewer is not None and self._renewer.is_alive():
+            return
+        self._renewer = threading.Thread(
+            target=_renew_ahead,
+            args=(weakref.ref(self), self._stop),
+            name="backpack-vault-login",
+            daemon=True,
+        )
+        self._renewer.start()
+
+    def close(self) -> None:
+        """Stop renewing in the background (the token itself stays valid)."""
+        self._stop.set()
+        renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(_JOIN_S)
 
     def dead(self, token: Secret) -> bool:
         """The daemon refused ``token``; True when the next :meth:`token` may be another."""
@@ -419,8 +599,29 @@ class VaultLogin(_Login):
             return True
 
 
+def _renew_ahead(login_ref: weakref.ref[VaultLogin], stop: threading.Event) -> None:
+    """The renewal thread: sleep until something is due, then do it (failures back off)."""
+    while not stop.is_set():
+        login = login_ref()
+        if login is None or not login._wakes():  # noqa: SLF001 - its own thread
+            return
+        delay = login.state.wake_at() - login._clock()  # noqa: SLF001
+        del login
+        if stop.wait(max(delay, _MIN_WAKE_S)):
+            return
+        login = login_ref()
+        if login is None:
+            return
+        with contextlib.suppress(Exception):  # raised again by the bot's next use
+            login.token()
+        del login
+
+
 class AsyncVaultLogin(_Login):
-    """The worker's token over an ``httpx.AsyncClient``; safe across tasks of one loop."""
+    """The worker's token over an ``httpx.AsyncClient``; safe across tasks of one loop.
+
+    With ``background`` a task renews ahead of use (:meth:`aclose` cancels it).
+    """
 
     def __init__(
         self,
@@ -430,15 +631,18 @@ class AsyncVaultLogin(_Login):
         *,
         clock: Callable[[], float] = time.monotonic,
         backoff_s: tuple[float, float] = BACKOFF_S,
+        background: bool = True,
     ) -> None:
-        super().__init__(auth, vault_addr, clock=clock, backoff_s=backoff_s)
+        super().__init__(auth, vault_addr, clock=clock, backoff_s=backoff_s, background=background)
         self._http = http
         self._lock = asyncio.Lock()
+        self._closed = False
+        self._renewer: asyncio.Task[None] | None = None
 
     async def token(self) -> Secret:
-        static = self._static()
-        if static is not None:
-            return static
+        quick = self._quick()
+        if quick is not None:
+            return quick
         async with self._lock:
             flow = self._flow()
             try:
@@ -449,10 +653,31 @@ class AsyncVaultLogin(_Login):
                         answer = await self._http.send(request)
                     except httpx.HTTPError as exc:
                         answer = exc
+                    except RuntimeError as exc:  # the httpx client was closed
+                        answer = httpx.TransportError(str(exc))
                     request = flow.send(answer)
             except StopIteration as done:
                 token: Secret = done.value
-                return token
+            self._keep_renewing()
+        return token
+
+    def _keep_renewing(self) -> None:
+        if not self._wakes() or self._closed:
+            return
+        if self._renewer is not None and not self._renewer.done():
+            return
+        self._renewer = asyncio.get_running_loop().create_task(
+            _renew_ahead_async(weakref.ref(self)), name="backpack-vault-login"
+        )
+
+    async def aclose(self) -> None:
+        """Stop renewing in the background (the token itself stays valid)."""
+        self._closed = True
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None and not renewer.done() and renewer is not asyncio.current_task():
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
 
     async def dead(self, token: Secret) -> bool:
         async with self._lock:
@@ -463,6 +688,22 @@ class AsyncVaultLogin(_Login):
             return _alive(await self._http.send(self._lookup(token)))
         except httpx.HTTPError:
             return True
+
+
+async def _renew_ahead_async(login_ref: weakref.ref[AsyncVaultLogin]) -> None:
+    while True:
+        login = login_ref()
+        if login is None or login._closed or not login._wakes():  # noqa: SLF001 - its own task
+            return
+        delay = login.state.wake_at() - login._clock()  # noqa: SLF001
+        del login
+        await asyncio.sleep(max(delay, _MIN_WAKE_S))
+        login = login_ref()
+        if login is None:
+            return
+        with contextlib.suppress(Exception):  # raised again by the bot's next use
+            await login.token()
+        del login
 
 
 @dataclass(frozen=True, slots=True)

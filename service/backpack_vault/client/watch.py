@@ -14,16 +14,30 @@ restarted, the network failed, no heartbeat within ``read_timeout_s``) the watch
 connects again with backoff, sending ``Last-Event-ID``, so the daemon replays what
 was missed. A refusal (401, 403, or 404 from a daemon without the route) is
 raised; :meth:`Watch.close` ends it from any thread.
+
+:class:`AsyncWatch` is the same over an ``httpx.AsyncClient`` (``async for``;
+cancel the task that iterates it, or ``await watch.aclose()``). :func:`follow` and
+:func:`afollow` feed a :class:`WatchListener` from a thread or a task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import threading
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final, Protocol, Self
@@ -33,12 +47,15 @@ import httpx
 from backpack_vault.errors import CallerError, NotFound, ServiceError
 
 __all__ = [
+    "BACKOFF_S",
     "FINAL_STATUSES",
     "READ_TIMEOUT_S",
     "REFUSED_RETRY_S",
+    "AsyncWatch",
     "Watch",
     "WatchEvent",
     "WatchListener",
+    "afollow",
     "follow",
     "parse_sse",
 ]
@@ -244,3 +261,129 @@ def follow(owner_ref: weakref.ref[Any], watch: Watch) -> None:
         pass
     finally:
         watch.close()
+
+
+async def afollow(owner_ref: weakref.ref[Any], watch: AsyncWatch) -> None:
+    """:func:`follow` as an asyncio task: cancelling the task ends the watch."""
+    try:
+        while not watch.closed:
+            try:
+                async for event in watch:
+                    owner: WatchListener | None = owner_ref()
+                    if owner is None or not owner.on_watch_event(event):
+                        return
+                    del owner
+            except ServiceError:  # the daemon refused the watch: maybe a new token later
+                await asyncio.sleep(REFUSED_RETRY_S)
+    except Exception:  # noqa: BLE001, S110 - a watcher task must never die loudly in a bot
+        pass
+    finally:
+        await watch.aclose()
+
+
+class AsyncWatch:
+    """:class:`Watch` over an ``httpx.AsyncClient``: ``async for event in watch``."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        headers: Callable[[], Awaitable[Mapping[str, str]]],
+        *,
+        error_for: Callable[[httpx.Response], ServiceError],
+        last_event_id: str | None = None,
+        backoff_s: tuple[float, float] = BACKOFF_S,
+        read_timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
+        self._http = http
+        self.url = url
+        self._headers = headers
+        self._error_for = error_for
+        self.last_event_id = last_event_id
+        self._backoff_s = backoff_s
+        self._timeout = httpx.Timeout(10.0, read=read_timeout_s)
+        self._closed = False
+        self._connected = False
+        self._events: AsyncGenerator[WatchEvent, None] | None = None
+        self.connections = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        """Whether a stream is open now (its first frame arrived)."""
+        return self._connected
+
+    def __aiter__(self) -> AsyncWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._events is None:
+            self._events = self._run()
+        return await anext(self._events)
+
+    async def _run(self) -> AsyncGenerator[WatchEvent, None]:
+        first, cap = self._backoff_s
+        delay = first
+        while not self._closed:
+            try:
+                async with contextlib.aclosing(self._once()) as events:
+                    async for event in events:
+                        delay = first
+                        yield event
+            except httpx.TransportError:
+                pass  # refused, reset, or silent past read_timeout_s: connect again
+            except RuntimeError:  # the httpx client was closed: nothing more to watch
+                self._closed = True
+            finally:
+                self._connected = False
+            if self._closed:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+
+    async def _once(self) -> AsyncGenerator[WatchEvent, None]:
+        headers = {"Accept": "text/event-stream", **(await self._headers())}
+        if self.last_event_id is not None:
+            headers["Last-Event-ID"] = self.last_event_id
+        async with self._http.stream(
+            "GET", self.url, headers=headers, timeout=self._timeout
+        ) as answer:
+            if answer.status_code != HTTPStatus.OK:
+                await answer.aread()
+                error = self._error_for(answer)
+                if isinstance(error, CallerError):
+                    raise error
+                if answer.status_code == HTTPStatus.NOT_FOUND:
+                    raise NotFound(f"the daemon serves no watch stream at {self.url}")
+                return  # the daemon cannot answer now (503, ...): connect again later
+            self.connections += 1
+            async with contextlib.aclosing(_async_events(answer.aiter_lines())) as events:
+                async for event in events:
+                    if self._closed:
+                        return
+                    if event.id is not None:
+                        self.last_event_id = event.id
+                    self._connected = True
+                    yield event
+
+    async def aclose(self) -> None:
+        """End the watch (from the task that iterates it; other tasks cancel that one)."""
+        self._closed = True
+        events, self._events = self._events, None
+        if events is not None:
+            with contextlib.suppress(RuntimeError):  # iterated by another task right now
+                await events.aclose()
+
+
+async def _async_events(lines: AsyncIterator[str]) -> AsyncGenerator[WatchEvent, None]:
+    """parse_sse over an async line stream, one event at a time."""
+    block: list[str] = []
+    async for line in lines:
+        block.append(line)
+        if not line:
+            for event in parse_sse(block):
+                yield event
+            block = []

@@ -121,6 +121,7 @@ class Account(_BpxAccount):  # type: ignore[misc]
         signed = self.key_handle.headers(
             instruction, params or None, stamp, self.window if window is None else window
         )
+        self.public_key = signed["X-API-Key"]  # after a rotation: the successor's
         return {**signed, "Content-Type": _JSON}
 
     def close(self) -> None:

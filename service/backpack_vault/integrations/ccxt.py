@@ -175,7 +175,9 @@ class _DaemonSigning:
         self.apiKey, self.secret = copy.api_key, copy.api_secret.reveal()
 
     def _sign_with_daemon(self, request: dict[str, Any], pending: _Pending) -> None:
-        request["headers"].update(pending.headers(self.key_handle))
+        signed = pending.headers(self.key_handle)
+        request["headers"].update(signed)
+        self.apiKey = signed["X-API-Key"]  # after a rotation: the successor's
 
     def handle_errors(
         self,
@@ -245,6 +247,7 @@ class AsyncBackpack(_DaemonSigning, ccxt.async_support.backpack):  # type: ignor
         if isinstance(headers, _Unsigned):
             signed = await _off_loop(lambda: headers.pending.headers(self.key_handle))
             headers = {**headers, **signed}
+            self.apiKey = signed["X-API-Key"]  # after a rotation: the successor's
         return await super().fetch(url, method, headers, body)
 
     def _sign_with_daemon(self, request: dict[str, Any], pending: _Pending) -> None:

@@ -1,7 +1,8 @@
 """One key as a third-party client uses it: the daemon signs, or a kept copy does.
 
 ``sign`` mode asks the daemon for the four headers of each request (the secret
-never reaches the bot); ``copy`` mode keeps a copy (:class:`CopyKeeper`). Either
+never reaches the bot); ``copy`` mode keeps a copy (the client's
+:class:`~backpack_vault.client.copies.CopyKeeper`, as ``BrokerAuth`` does). Either
 way an answer in which Backpack refuses the key itself is reported to the daemon,
 which checks the key at once: at most once per ``report_every_s``, and in copy
 mode the copy is dropped then, so the next request fetches a new one (which the
@@ -12,22 +13,21 @@ daemon refuses as KeyRevoked once it has confirmed). Errors are ours
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable
 from typing import Final, Literal
 
 from backpack_vault.backpack.signing import Params
 from backpack_vault.client.broker import BrokerClient, Copy
+from backpack_vault.client.copies import CopyKeeper
+from backpack_vault.client.protocol import REPORT_EVERY_S, Reports
 from backpack_vault.core.keys import KeyRef
 from backpack_vault.core.verdicts import is_key_rejection, parse_answer
 from backpack_vault.errors import ConfigError, ServiceError
-from backpack_vault.integrations.copies import CopyKeeper
 
 __all__ = ["REPORT_EVERY_S", "KeyHandle", "Mode"]
 
 Mode = Literal["sign", "copy"]
-REPORT_EVERY_S: Final = 10.0
 _REASON_CHARS: Final = 200
 
 
@@ -53,10 +53,7 @@ class KeyHandle:
         self.copies = (
             CopyKeeper(broker, self.key, watch=watch, clock=clock) if mode == "copy" else None
         )
-        self._clock = clock
-        self._report_every_s = report_every_s
-        self._last_report = float("-inf")
-        self._lock = threading.Lock()
+        self._reports = Reports(report_every_s, clock)
 
     def __repr__(self) -> str:
         return f"KeyHandle({str(self.key)!r}, mode={self.mode!r})"
@@ -96,11 +93,8 @@ class KeyHandle:
     def rejected(self) -> bool:
         """Backpack refused the key: True when it is time to report it (then, in copy
         mode, the copy is dropped too); False when it was reported moments ago."""
-        with self._lock:
-            now = self._clock()
-            if now - self._last_report < self._report_every_s:
-                return False
-            self._last_report = now
+        if not self._reports.due():
+            return False
         if self.copies is not None:
             self.copies.drop()
         return True

@@ -47,6 +47,11 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     by_key: Counter[str] = field(default_factory=Counter)
     last_key: str = ""
+    failed_sent_at: list[float] = field(default_factory=list)  # time.monotonic() at sending
+
+    def failed_since(self, moment: float) -> int:
+        """Failed orders that were sent after ``moment`` (a ``time.monotonic()``)."""
+        return sum(1 for sent in self.failed_sent_at if sent > moment)
 
 
 class OrderLoop(threading.Thread):
@@ -77,7 +82,14 @@ class OrderLoop(threading.Thread):
     def snapshot(self) -> Tally:
         with self._lock:
             t = self.tally
-            return Tally(t.placed, t.failed, Counter(t.errors), Counter(t.by_key), t.last_key)
+            return Tally(
+                t.placed,
+                t.failed,
+                Counter(t.errors),
+                Counter(t.by_key),
+                t.last_key,
+                list(t.failed_sent_at),
+            )
 
     def run(self) -> None:
         auth = self._broker.auth(self._ref, mode=self.mode)
@@ -88,24 +100,26 @@ class OrderLoop(threading.Thread):
         auth.close()
 
     def _one(self, http: httpx.Client) -> None:
+        sent = time.monotonic()
         try:
             response = http.post("/api/v1/order", json=ORDER)
         except ServiceError as exc:  # the daemon refused, or the key was cut off
-            self._count(failed=f"{type(exc).__name__}: {exc.message[:120]}")
+            self._count(sent, failed=f"{type(exc).__name__}: {exc.message[:120]}")
             return
         except httpx.HTTPError as exc:
-            self._count(failed=type(exc).__name__)
+            self._count(sent, failed=type(exc).__name__)
             return
         if response.status_code == httpx.codes.OK:
-            self._count(key=response.request.headers.get("X-API-Key", ""))
+            self._count(sent, key=response.request.headers.get("X-API-Key", ""))
         else:
-            self._count(failed=f"{response.status_code} {response.text[:120]}")
+            self._count(sent, failed=f"{response.status_code} {response.text[:120]}")
 
-    def _count(self, *, key: str = "", failed: str = "") -> None:
+    def _count(self, sent: float, *, key: str = "", failed: str = "") -> None:
         with self._lock:
             if failed:
                 self.tally.failed += 1
                 self.tally.errors[failed] += 1
+                self.tally.failed_sent_at.append(sent)
             else:
                 self.tally.placed += 1
                 self.tally.by_key[key] += 1
@@ -143,6 +157,7 @@ def totals(loops: Sequence[OrderLoop]) -> Tally:
         total.failed += t.failed
         total.errors.update(t.errors)
         total.by_key.update(t.by_key)
+        total.failed_sent_at.extend(t.failed_sent_at)
     return total
 
 

@@ -350,9 +350,10 @@ class Vault:
         stored = str(body["data"].get("api_key", ""))
         nxt = record.next
         if stored != record.api_key and nxt is not None and nxt.api_key == stored:
-            # A switch wrote the pair but not yet the metadata (or stopped in between): the
-            # name already points to the next key. The checks finish the metadata.
-            log.warning("vault.switch_incomplete", key=str(ref), version=record.version)
+            # A switch wrote the pair but not yet the metadata (for a few milliseconds, or
+            # it stopped in between): the name already points to the next key. The checks
+            # finish the metadata of a switch that stopped.
+            log.info("vault.switch_in_progress", key=str(ref), version=record.version)
             record = dataclasses.replace(record, api_key=stored, read_only=nxt.read_only)
         return record, Secret(str(body["data"]["api_secret"]))
 
@@ -535,6 +536,12 @@ class Vault:
         change is published as ``event`` for every replica and watch stream. A reader
         between the two writes already gets the next key (``read_key``).
         """
+        version = self.write_next_pair(current, secret)
+        return self.finish_switch(current.ref, patch, event=event, at=at, version=version)
+
+    def write_next_pair(self, current: KeyRecord, secret: Secret) -> int:
+        """The switch's one check-and-set write: the next key's pair becomes the name's
+        newest version (returned). From here ``read_key`` gives the next key."""
         ref, nxt = current.ref, current.next
         if nxt is None:
             raise WriteConflict(str(ref), "it has no successor or standby")
@@ -550,8 +557,7 @@ class Vault:
                 cas=current.version,
                 mount_point=self._mount,
             )
-        version = int(written["data"]["version"])
-        return self.finish_switch(ref, patch, event=event, at=at, version=version)
+        return int(written["data"]["version"])
 
     def finish_switch(
         self, ref: KeyRef, patch: Mapping[str, str | None], *, event: str, at: str, version: int

@@ -206,6 +206,10 @@ class VaultPort(Protocol):
         then ``patch`` (core.keys.switch_patch); publish ``event``."""
         ...
 
+    def write_next_pair(self, current: KeyRecord, secret: Secret) -> int:
+        """The switch's check-and-set write of the next key's pair; the new version."""
+        ...
+
     def finish_switch(
         self, ref: KeyRef, patch: Mapping[str, str | None], *, event: str, at: str, version: int
     ) -> KeyRecord:
