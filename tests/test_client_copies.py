@@ -9,7 +9,6 @@ verifier behind ``httpx.MockTransport`` that checks each signature against the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from backpack_vault.daemon.serving import ServerThread, free_port
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import BrokerUnavailable, CopyUnavailable, KeyRetired, KeyRevoked
 from backpack_vault.integrations.handle import KeyHandle
-from backpack_vault.testing import FakeClock, now_iso, store_key, wait_until
+from backpack_vault.testing import FakeClock, now_iso, rotate_now, store_key, wait_until
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Vault
 from backpack_vault.watch import frame
@@ -141,25 +140,8 @@ def spend_wrapping_tokens(desk: Desk, *, times: int) -> list[str]:
 
 
 def rotate(vault: Vault, ref: KeyRef) -> KeyPair:
-    """A new key under the same name (a new KV version), published on the change feed."""
-    pair = generate_pair()
-    kv = vault._client.secrets.kv.v2
-    path = vault._path(ref)
-    record = vault.read_record(ref)
-    kv.create_or_update_secret(
-        path=path,
-        secret={"api_key": pair.api_key, "api_secret": pair.secret.reveal()},
-        cas=record.version,
-        mount_point=vault._mount,
-    )
-    kv.update_metadata(
-        path=path,
-        cas_required=True,
-        custom_metadata=dataclasses.replace(record, api_key=pair.api_key).to_metadata(),
-        mount_point=vault._mount,
-    )
-    vault.publish_change(ref, Status.ACTIVE, at=now_iso())
-    return pair
+    """A successor accepted and switched to, as the daemon does: ``rotated`` on the feed."""
+    return rotate_now(vault, ref)
 
 
 def as_streamed(name: str, data: dict[str, Any]) -> WatchEvent:

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 
 from backpack_vault.config import BrokerSettings, CheckSettings, Settings, VaultSettings
-from backpack_vault.core.keys import KeyPair, KeyRef, Status, generate_pair
+from backpack_vault.core.keys import KeyPair, KeyRef, Status
 from backpack_vault.daemon import Daemon
 from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ConfigError
 from backpack_vault.exec import EXIT_KEY_GONE, parse_on_change, write_atomically
-from backpack_vault.testing import now_iso, store_key, wait_until
+from backpack_vault.testing import now_iso, rotate_now, store_key, wait_until
 from backpack_vault.vault.client import Vault
 
 REF = KeyRef("main", "bot-a")
@@ -138,25 +138,8 @@ def run_exec(tmp_path: Path, served: str, dev_vault: DevVault) -> Iterator[Any]:
 
 
 def rotate(vault: Vault, ref: KeyRef) -> KeyPair:
-    """A new version of the key under the same name, published as a change of the key."""
-    pair = generate_pair()
-    kv = vault._client.secrets.kv.v2
-    path = vault._path(ref)
-    record = vault.read_record(ref)
-    kv.create_or_update_secret(
-        path=path,
-        secret={"api_key": pair.api_key, "api_secret": pair.secret.reveal()},
-        cas=record.version,
-        mount_point=vault._mount,
-    )
-    kv.update_metadata(
-        path=path,
-        cas_required=True,
-        custom_metadata=dataclasses.replace(record, api_key=pair.api_key).to_metadata(),
-        mount_point=vault._mount,
-    )
-    vault.publish_change(ref, Status.ACTIVE, at=now_iso())
-    return pair
+    """A successor accepted and switched to, as the daemon does: ``rotated`` on the feed."""
+    return rotate_now(vault, ref)
 
 
 class TestTheChild:

@@ -10,8 +10,17 @@ from backpack_vault.testing.helpers import (
     FakeClock,
     make_record,
     now_iso,
+    rotate_now,
     store_key,
     wait_until,
 )
 
-__all__ = ["NOW", "FakeClock", "make_record", "now_iso", "store_key", "wait_until"]
+__all__ = [
+    "NOW",
+    "FakeClock",
+    "make_record",
+    "now_iso",
+    "rotate_now",
+    "store_key",
+    "wait_until",
+]

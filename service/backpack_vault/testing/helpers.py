@@ -14,10 +14,20 @@ from backpack_vault.core.keys import (
     Origin,
     Status,
     generate_pair,
+    switch_patch,
 )
+from backpack_vault.core.rotation import NextKey, NextState, Role
 from backpack_vault.vault.client import Vault
 
-__all__ = ["NOW", "FakeClock", "make_record", "now_iso", "store_key", "wait_until"]
+__all__ = [
+    "NOW",
+    "FakeClock",
+    "make_record",
+    "now_iso",
+    "rotate_now",
+    "store_key",
+    "wait_until",
+]
 
 NOW = "2025-01-01T00:00:00Z"
 
@@ -102,3 +112,26 @@ def store_key(
 def now_iso() -> str:
     """Now, in the one timestamp format."""
     return iso_utc()
+
+
+def rotate_now(vault: Vault, ref: KeyRef) -> KeyPair:
+    """Rotate ``ref`` at once, as ``keys rotate`` and the daemon's switch do once Backpack
+    accepts the successor (without asking it): a fresh pair becomes the name's key, the
+    old one retiring, and ``rotated`` goes out on the change feed. Returns the new pair."""
+    pair = generate_pair()
+    now = now_iso()
+    current = vault.read_record(ref)
+    successor = NextKey(
+        api_key=pair.api_key,
+        role=Role.SUCCESSOR,
+        state=NextState.READY,
+        read_only=current.read_only,
+        origin=Origin.GENERATED.value,
+        created_at=now,
+    )
+    record = vault.store_next(ref, successor, pair.secret)
+    patch = switch_patch(
+        record, now=now, failover=False, safe_at=now, verdict="VALID", actor="test"
+    )
+    vault.switch_to_next(record, pair.secret, patch, event="rotated", at=now)
+    return pair
