@@ -25,11 +25,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from backpack_vault.config import load
-from backpack_vault.core.keys import KeyRef
+from backpack_vault.core.keys import KeyRef, generate_pair
+from backpack_vault.core.rotation import NextKey, NextState, Role
 from backpack_vault.daemon import Daemon
 from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
-from backpack_vault.testing import store_key, wait_until
+from backpack_vault.testing import now_iso, store_key, wait_until
 from backpack_vault.testing.sandbox import SandboxAdmin, SandboxState
 from backpack_vault.vault.client import Vault
 
@@ -297,6 +298,23 @@ def exposition(
             )
             assert signed.status_code == 200
             httpx.post(f"{url}/report", headers=headers, json={})
+            # A rotation (keys rotate, then the successor registered): the daemon switches.
+            successor = generate_pair()
+            admin.store_next(
+                REF,
+                NextKey(
+                    api_key=successor.api_key,
+                    role=Role.SUCCESSOR,
+                    state=NextState.PENDING,
+                    read_only=False,
+                    origin="generated",
+                    created_at=now_iso(),
+                ),
+                successor.secret,
+            )
+            with httpx.Client(base_url=exchange.url, timeout=5.0) as http:
+                SandboxAdmin(http).register(successor.api_key)
+            wait_until(lambda: "backpack_vault_key_switches_total" in scrape(), 15, "a key switch")
             wait_until(
                 lambda: "backpack_vault_vault_token_renewals_total" in scrape(),
                 15,
