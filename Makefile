@@ -21,8 +21,8 @@ dev: $(STAMP)
 test: lint type imports unit bench-quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench examples
-	$(BIN)/ruff format --check service tests bench examples
+	$(BIN)/ruff check service tests bench examples scripts
+	$(BIN)/ruff format --check service tests bench examples scripts
 
 type: $(STAMP)
 	$(BIN)/mypy

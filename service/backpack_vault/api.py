@@ -25,6 +25,7 @@ objects; no response body but a copy's own ``wrap_token`` carries anything secre
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -93,6 +94,8 @@ _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 # Outcomes after which the broker has seen the key in Vault: only these name the key in a
 # metric label, so requests for made-up names cannot grow the series.
 _KEY_SEEN: Final = frozenset({"ok", KeyNotUsable.code, ReadOnlyKey.code})
+_HANDOUTS: Final = frozenset({"copy", "sign"})  # the hot path: answered before bookkeeping
+_RECORDED: Final = frozenset({"copy", "sign", "info", "report", "watch"})  # and logged
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
@@ -110,6 +113,23 @@ def error_response(exc: ServiceError) -> JSONResponse:
     if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     return JSONResponse({"error": error}, status_code=exc.http_status, headers=headers)
+
+
+def _after_sending(response: Response, record: Callable[[], None]) -> None:
+    """Run ``record`` once ``response`` is sent, before any background work of its own.
+
+    A copy or a signature is on the wire before its metrics, activity tally and log
+    line are done. Nothing is awaited in between, so the event loop serves no other
+    request (a /metrics scrape, say) before they are.
+    """
+    then = response.background
+
+    async def bookkeeping() -> None:  # async: run on the event loop, not in a thread
+        record()
+        if then is not None:
+            await then()
+
+    response.background = BackgroundTask(bookkeeping)
 
 
 def _internal_error() -> JSONResponse:
@@ -136,6 +156,12 @@ _OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
 
 def _nesting(body: bytes, limit: int) -> bool:
     """Whether JSON text nests arrays/objects deeper than ``limit`` (strings skipped)."""
+    # It cannot nest deeper than it has brackets: a sign request has one to three, and
+    # counting them is C speed, where the scan below is a Python loop over every byte.
+    return body.count(b"[") + body.count(b"{") > limit and _scan_nesting(body, limit)
+
+
+def _scan_nesting(body: bytes, limit: int) -> bool:
     depth = 0
     in_string = escaped = False
     for byte in body:
@@ -275,9 +301,16 @@ class _Api:
             log.exception("api.internal_error", route=route)
             response, outcome = _internal_error(), "internal"
         seconds = time.perf_counter() - started
-        self.metrics.observe_request(route, response.status_code, seconds)
-        if route in ("copy", "sign", "info", "report", "watch"):
-            self._record(route, request, token, outcome, facts, seconds)
+
+        def record() -> None:
+            self.metrics.observe_request(route, response.status_code, seconds)
+            if route in _RECORDED:
+                self._record(route, request, token, outcome, facts, seconds)
+
+        if route in _HANDOUTS:
+            _after_sending(response, record)
+        else:
+            record()
         return response
 
     def _record(
@@ -299,19 +332,23 @@ class _Api:
             self.metrics.observe_signature(label, shown, outcome)
         elif route == "report":
             self.metrics.observe_report(label, outcome)
-        if self.activity is not None and route in ("copy", "sign"):
+        identity = self.broker.identity(token)
+        if self.activity is not None and route in _HANDOUTS:
             self.activity.record(
-                self.broker.identity(token),
+                identity,
                 "copy" if route == "copy" else "sign",
                 label,
                 ok=outcome == "ok",
                 now=time.time(),
             )
-        log.info(
-            "api.handout" if route in ("copy", "sign") else f"api.{route}",
+        logger = log.bind()  # what log.info would do; then nothing more when info is off
+        if not logger.is_enabled_for(logging.INFO):
+            return
+        logger.info(
+            "api.handout" if route in _HANDOUTS else f"api.{route}",
             action=route,
             key=key[:130],
-            identity=self.broker.identity(token),
+            identity=identity,
             outcome=outcome,
             duration_ms=round(seconds * 1000, 2),
             **({"instruction": instruction[:64]} if instruction else {}),
