@@ -1,6 +1,6 @@
 """HTTP for workers: request -> broker -> response; errors -> status codes, in one place.
 
-Routes (DESIGN.md "Worker API")::
+Routes (README.md "Worker API")::
 
     POST /v1/keys/{sub}/{name}/copy     wrapped copy            grant: copy (read)
     POST /v1/keys/{sub}/{name}/sign     four signed headers     grant: sign/<instruction> (update)
