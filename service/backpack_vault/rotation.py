@@ -16,7 +16,7 @@ rejection would revoke a key whose standby is ready::
                                      --standby probe VALID--> failover instead of a revocation
                                      --anything else--> the key is revoked as usual
 
-A switch is one check-and-set write of the pair into the name (``Vault.switch_to_next``),
+A switch is one check-and-set write of the pair into the name (``Vault.write_next_pair``),
 then its metadata; every replica and watch stream learns of it from the change feed
 as ``rotated``. The old key's copies may still be out: it is ``retiring`` until
 ``safe_at`` (now + the copy lifetime + a grace for replicas), then ``retired``. Its
@@ -195,8 +195,7 @@ class Rotator:
         if nxt is None:
             return None
         now_s = self._clock()
-        now = iso_utc(now_s)
-        safe_at = iso_utc(now_s + self._copy_ttl_s + self._grace_s)
+        now, safe_at = iso_utc(now_s), self._safe_at(now_s)
         patch = switch_patch(
             record, now=now, failover=failover, safe_at=safe_at, verdict=verdict, actor=CHECK_ACTOR
         )
@@ -258,7 +257,7 @@ class Rotator:
             before,
             now=now,
             failover=failover,
-            safe_at=iso_utc(now_s + self._copy_ttl_s + self._grace_s),
+            safe_at=self._safe_at(now_s),
             verdict=meta.next.last_verdict if meta.next else "",
             actor=CHECK_ACTOR,
         )
@@ -270,6 +269,11 @@ class Rotator:
             KeyRotated(record.ref, meta.api_key, nxt.api_key, failover, Cause.CHECK, switched)
         )
         return "finished"
+
+    def _safe_at(self, switched_s: float) -> str:
+        """When the old key's last copy has expired: copies made until every replica
+        knew of the switch live the copy lifetime, and the grace covers that knowing."""
+        return iso_utc(switched_s + self._copy_ttl_s + self._grace_s)
 
     def _safe(self, safe_at: str) -> bool:
         try:

@@ -133,5 +133,6 @@ def rotate_now(vault: Vault, ref: KeyRef) -> KeyPair:
     patch = switch_patch(
         record, now=now, failover=False, safe_at=now, verdict="VALID", actor="test"
     )
-    vault.switch_to_next(record, pair.secret, patch, event="rotated", at=now)
+    version = vault.write_next_pair(record, pair.secret)
+    vault.finish_switch(ref, patch, event="rotated", at=now, version=version)
     return pair

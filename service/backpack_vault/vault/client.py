@@ -523,26 +523,6 @@ class Vault:
             raise WriteConflict(str(ref), "its successor or standby was replaced meanwhile")
         return Secret(str(body["data"]["api_secret"]))
 
-    def switch_to_next(
-        self,
-        current: KeyRecord,
-        secret: Secret,
-        patch: Mapping[str, str | None],
-        *,
-        event: str,
-        at: str,
-    ) -> KeyRecord:
-        """Point the name at its next key in one check-and-set write of the pair.
-
-        The write names the version ``current`` was read at, so a name changed
-        meanwhile (another switch, a new intake) is never overwritten: WriteConflict.
-        Then the metadata follows (``patch``), the next key's own copy goes, and the
-        change is published as ``event`` for every replica and watch stream. A reader
-        between the two writes already gets the next key (``read_key``).
-        """
-        version = self.write_next_pair(current, secret)
-        return self.finish_switch(current.ref, patch, event=event, at=at, version=version)
-
     def write_next_pair(self, current: KeyRecord, secret: Secret) -> int:
         """The switch's one check-and-set write: the next key's pair becomes the name's
         newest version (returned). From here ``read_key`` gives the next key."""

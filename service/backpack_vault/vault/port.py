@@ -193,19 +193,6 @@ class VaultPort(Protocol):
         """Merge ``patch`` into the key's custom_metadata (None removes a field)."""
         ...
 
-    def switch_to_next(
-        self,
-        current: KeyRecord,
-        secret: Secret,
-        patch: Mapping[str, str | None],
-        *,
-        event: str,
-        at: str,
-    ) -> KeyRecord:
-        """Point ``current``'s name at its next key: one check-and-set write of the pair,
-        then ``patch`` (core.keys.switch_patch); publish ``event``."""
-        ...
-
     def write_next_pair(self, current: KeyRecord, secret: Secret) -> int:
         """The switch's check-and-set write of the next key's pair; the new version."""
         ...
