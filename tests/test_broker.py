@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -120,6 +121,16 @@ class TestLedger:
         ledger.record(a, "old", 10.0, now=0.0)
         ledger.record(a, "new", 40.0, now=30.0)
         assert ledger.pop_key(a) == ["new"]
+
+    def test_a_busy_keys_list_holds_only_its_live_copies(self) -> None:
+        """A copy a second, each live for 60 s: the key's list stays at about 60 entries,
+        pruned as copies are recorded (not only when the sweep runs)."""
+        ledger: Ledger[KeyRef] = Ledger()
+        a = KeyRef("main", "a")
+        for second in range(1000):
+            ledger.record(a, f"acc-{second}", second + 60.0, now=float(second))
+            assert ledger.count(a) <= 61
+        assert ledger.pop_key(a)[0] == "acc-940"
 
     def test_keys_lists_keys_with_unclaimed_copies(self) -> None:
         """keys() names every key that still has an entry."""
@@ -313,6 +324,38 @@ class TestCopies:
         second = unwrap(dev_vault.addr, handout.wrap_token)
         assert second.status_code == 400
         assert "wrapping token is not valid" in second.text
+
+    def test_a_service_client_wraps_over_one_kept_connection(
+        self, vault_settings: VaultSettings, ref: KeyRef, dev_vault: DevVault, root_token: Secret
+    ) -> None:
+        """The daemon's Vault client sends its wraps over one kept connection (wire.py); each
+        copy still unwraps once, into the same fields as one wrapped by hvac."""
+        service = Vault.for_service(vault_settings)
+        service.login()
+        try:
+            broker = Broker(service, settings(), grant_prefix=vault_settings.grant_prefix)
+            handouts = [broker.copy(root_token, ref) for _ in range(5)]
+            assert service._direct is not None
+            assert service._direct._pool.connections == 1
+            for handout in handouts:
+                first = unwrap(dev_vault.addr, handout.wrap_token)
+                assert first.json()["data"]["key"] == "main/bot-a"
+                assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
+        finally:
+            service.close()
+
+    def test_a_refused_wrap_is_the_same_error_on_either_path(
+        self, vault_settings: VaultSettings
+    ) -> None:
+        """A token Vault refuses: the kept-connection path raises what hvac's path raises."""
+        bad = dataclasses.replace(vault_settings, token=Secret("s.not-a-token"))
+        found = []
+        for client in (Vault(bad), Vault.for_service(bad)):
+            with pytest.raises(ServiceError) as refused:
+                client.wrap({"x": 1}, ttl=60)
+            found.append((type(refused.value), refused.value.message))
+            client.close()
+        assert found[0] == found[1]
 
     def test_the_response_holds_the_documented_fields(
         self, broker: Broker, ref: KeyRef, root_token: Secret

@@ -1,7 +1,7 @@
-"""The lean transport: BrokerClient's calls to the daemon over kept-alive HTTP/1.1 connections.
+"""Kept-alive HTTP/1.1 (wire.py): BrokerClient's calls to the daemon, and its unwraps at Vault.
 
-A ``BrokerClient`` that makes its own httpx client sends its four calls this way;
-one handed an ``httpx.Client`` sends them through it. Both are run against a real
+A ``BrokerClient`` that makes its own httpx client sends its four calls and its
+unwraps this way; one handed an ``httpx.Client`` sends them through it. Both are run against a real
 daemon on loopback (over plain HTTP and over TLS) and must answer and fail alike;
 the protocol corners (a connection the server closed while idle, chunked answers,
 ``Connection: close``) are run against a small scripted HTTP server on loopback.
@@ -30,7 +30,6 @@ from cryptography.x509.oid import NameOID
 from backpack_vault.backpack.signing import signing_string, verify
 from backpack_vault.client.broker import BrokerClient
 from backpack_vault.client.protocol import tls_context
-from backpack_vault.client.transport import Lean, LeanError
 from backpack_vault.config import BrokerSettings, CheckSettings, Secret, Settings, VaultSettings
 from backpack_vault.core.keys import KeyRef, Status
 from backpack_vault.daemon import Daemon
@@ -39,6 +38,7 @@ from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import (
     AccessDenied,
     BrokerUnavailable,
+    CopyUnavailable,
     KeyRetired,
     NotAuthenticated,
     ServiceError,
@@ -46,6 +46,7 @@ from backpack_vault.errors import (
 )
 from backpack_vault.testing import store_key
 from backpack_vault.vault.client import Provisioner, Vault
+from backpack_vault.wire import Pool, WireError, WireTimeout
 
 REF = KeyRef("main", "bot-a")
 ORDER = {"symbol": "SOL_USDC", "side": "Bid", "orderType": "Limit", "price": "1", "quantity": "1"}
@@ -79,10 +80,10 @@ def served(vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault) -> 
         yield Served(server.url, dev_vault.addr, dev_vault.root_token, reports)
 
 
-def lean_of(broker: BrokerClient) -> Lean:
-    lean = broker._lean_for_url()
-    assert lean is not None
-    return lean
+def pool_of(broker: BrokerClient) -> Pool:
+    pool = broker._pool_for(broker.url)
+    assert pool is not None
+    return pool
 
 
 class TestLeanPath:
@@ -97,10 +98,37 @@ class TestLeanPath:
             assert b.copy(REF).api_key == pair.api_key
             assert b.info(REF)["status"] == "active"
             b.report(REF, "Invalid signature")
-            assert lean_of(b).connections == 1
+            assert pool_of(b).connections == 1
         assert served.reports == [(str(REF), "Invalid signature")]
 
-    @pytest.mark.parametrize("path", ["lean", "httpx"], ids=str)
+    def test_unwraps_at_vault_share_one_kept_connection(self, served: Served, vault: Vault) -> None:
+        pair = store_key(vault, REF)
+        with BrokerClient(served.url, vault_addr=served.vault_addr, token=served.root) as b:
+            copies = [b.copy(REF) for _ in range(5)]
+            to_vault = b._pool_for(b.vault_addr)
+            assert to_vault is not None
+            assert to_vault.connections == 1
+        assert {c.api_secret.reveal() for c in copies} == {pair.secret.reveal()}
+
+    def test_a_used_wrapping_token_is_copy_unavailable_either_way(
+        self, served: Served, vault: Vault
+    ) -> None:
+        """Vault refuses a second unwrap; both paths say so in the same words."""
+        store_key(vault, REF)
+        messages = []
+        with httpx.Client() as http:
+            for given in (None, http):
+                with BrokerClient(
+                    served.url, vault_addr=served.vault_addr, token=served.root, http=given
+                ) as b:
+                    wrap_token = Secret(b._call("POST", REF, "/copy")["wrap_token"])
+                    b._unwrap(REF, wrap_token)
+                    with pytest.raises(CopyUnavailable) as refused:
+                        b._unwrap(REF, wrap_token)
+                    messages.append(refused.value.message)
+        assert messages[0] == messages[1]
+
+    @pytest.mark.parametrize("path", ["pool", "httpx"], ids=str)
     @pytest.mark.parametrize(
         ("case", "error"),
         [
@@ -125,7 +153,7 @@ class TestLeanPath:
             with BrokerClient(served.url, vault_addr=served.vault_addr, token=token, **kwargs) as b:
                 with pytest.raises(error):
                     b.sign(key, "accountQuery")
-                assert (b._lean_for_url() is None) is (path == "httpx")
+                assert (b._pool_for(b.url) is None) is (path == "httpx")
 
     def test_an_idle_connection_the_daemon_closed_is_replaced(
         self, served: Served, vault: Vault, monkeypatch: pytest.MonkeyPatch
@@ -134,11 +162,11 @@ class TestLeanPath:
         store_key(vault, REF)
         with BrokerClient(served.url, vault_addr=served.vault_addr, token=served.root) as b:
             b.sign(REF, "accountQuery")
-            monkeypatch.setattr("backpack_vault.client.transport.IDLE_S", 60.0)
-            for conn in lean_of(b)._idle:
-                conn.http.sock.shutdown(socket.SHUT_RDWR)  # as the daemon's close looks from here
+            monkeypatch.setattr("backpack_vault.wire.IDLE_S", 60.0)
+            for conn in pool_of(b)._idle:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # as the daemon's close looks from here
             assert b.sign(REF, "accountQuery")["X-API-Key"]
-            assert lean_of(b).connections == 2
+            assert pool_of(b).connections == 2
 
     def test_an_unreachable_daemon_is_broker_unavailable(self, dev_vault: DevVault) -> None:
         url = f"http://127.0.0.1:{free_port()}"
@@ -149,7 +177,7 @@ class TestLeanPath:
             b.sign(REF, "accountQuery")
 
     @pytest.mark.parametrize(
-        ("environ", "lean"),
+        ("environ", "pool"),
         [
             ({}, True),
             ({"HTTP_PROXY": "http://proxy.example:3128"}, False),
@@ -160,15 +188,15 @@ class TestLeanPath:
         ids=["none", "http-proxy", "all-proxy", "no-proxy", "https-proxy"],
     )
     def test_a_proxy_that_applies_leaves_the_calls_to_httpx(
-        self, monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], lean: bool
+        self, monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], pool: bool
     ) -> None:
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
             monkeypatch.delenv(name.lower(), raising=False)
         for name, value in environ.items():
             monkeypatch.setenv(name, value)
-        found = Lean.for_url("http://127.0.0.1:8280", timeout=1.0, tls=tls_context(verify=True))
-        assert (found is not None) is lean
+        found = Pool.for_url("http://127.0.0.1:8280", timeout=1.0, tls=tls_context(verify=True))
+        assert (found is not None) is pool
 
 
 def _pair(directory: Path) -> tuple[Path, Path]:
@@ -243,11 +271,11 @@ class Script:
 
 
 @pytest.fixture
-def scripted() -> Iterator[Callable[[Script], Lean]]:
+def scripted() -> Iterator[Callable[[Script], Pool]]:
     servers: list[socketserver.ThreadingTCPServer] = []
-    leans: list[Lean] = []
+    pools: list[Pool] = []
 
-    def start(script: Script) -> Lean:
+    def start(script: Script) -> Pool:
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
                 script.connections += 1
@@ -277,14 +305,14 @@ def scripted() -> Iterator[Callable[[Script], Lean]]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         port = server.server_address[1]
-        lean = Lean.for_url(f"http://127.0.0.1:{port}", timeout=5.0, tls=tls_context(verify=True))
-        assert lean is not None
-        leans.append(lean)
-        return lean
+        pool = Pool.for_url(f"http://127.0.0.1:{port}", timeout=5.0, tls=tls_context(verify=True))
+        assert pool is not None
+        pools.append(pool)
+        return pool
 
     yield start
-    for lean in leans:
-        lean.close()
+    for pool in pools:
+        pool.close()
     for server in servers:
         server.shutdown()
         server.server_close()
@@ -297,11 +325,11 @@ def ok(body: bytes, *extra: bytes) -> bytes:
 
 class TestProtocol:
     def test_one_write_per_request_with_the_token_and_the_body(
-        self, scripted: Callable[[Script], Lean]
+        self, scripted: Callable[[Script], Pool]
     ) -> None:
         script = Script([ok(b'{"a":1}')])
-        lean = scripted(script)
-        assert lean.request("POST", "/v1/keys/main/b/sign", b'{"x":1}', "s.tok") == (
+        pool = scripted(script)
+        assert pool.request("POST", "/v1/keys/main/b/sign", b'{"x":1}', "s.tok") == (
             200,
             {"content-type": "application/json", "content-length": "7"},
             b'{"a":1}',
@@ -313,17 +341,17 @@ class TestProtocol:
         assert sent.endswith(b"\r\n\r\n" + b'{"x":1}')  # headers and body in one write
 
     def test_a_connection_closed_by_the_server_after_answering_is_replaced(
-        self, scripted: Callable[[Script], Lean]
+        self, scripted: Callable[[Script], Pool]
     ) -> None:
         script = Script([ok(b"{}"), ok(b'{"n":2}')], close_after={1})
-        lean = scripted(script)
-        assert lean.request("GET", "/one", None, "t")[2] == b"{}"
+        pool = scripted(script)
+        assert pool.request("GET", "/one", None, "t")[2] == b"{}"
         time.sleep(0.05)  # the server's close arrives
-        assert lean.request("GET", "/two", None, "t")[2] == b'{"n":2}'
-        assert (lean.connections, script.connections) == (2, 2)
+        assert pool.request("GET", "/two", None, "t")[2] == b'{"n":2}'
+        assert (pool.connections, script.connections) == (2, 2)
 
     def test_chunked_answers_and_connection_close_are_read(
-        self, scripted: Callable[[Script], Lean]
+        self, scripted: Callable[[Script], Pool]
     ) -> None:
         chunked = (
             b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -331,24 +359,48 @@ class TestProtocol:
         )
         closing = ok(b'{"b":2}', b"Connection: close\r\n")
         script = Script([chunked, closing, ok(b"{}")], close_after={2})
-        lean = scripted(script)
-        assert lean.request("GET", "/", None, "t")[::2] == (503, b'{"a":1}')
-        assert lean.request("GET", "/", None, "t")[2] == b'{"b":2}'
-        assert lean.request("GET", "/", None, "t")[2] == b"{}"
-        assert lean.connections == 2  # kept after the chunked answer, not after the close
+        pool = scripted(script)
+        assert pool.request("GET", "/", None, "t")[::2] == (503, b'{"a":1}')
+        assert pool.request("GET", "/", None, "t")[2] == b'{"b":2}'
+        assert pool.request("GET", "/", None, "t")[2] == b"{}"
+        assert pool.connections == 2  # kept after the chunked answer, not after the close
 
     def test_a_fresh_connection_closed_without_an_answer_is_an_error(
-        self, scripted: Callable[[Script], Lean]
+        self, scripted: Callable[[Script], Pool]
     ) -> None:
-        lean = scripted(Script([b""], close_after={1}))
-        with pytest.raises(LeanError, match="without answering"):
-            lean.request("GET", "/", None, "t")
+        pool = scripted(Script([b""], close_after={1}))
+        with pytest.raises(WireError, match="without answering"):
+            pool.request("GET", "/", None, "t")
 
-    def test_a_token_with_a_line_break_is_never_sent(
-        self, scripted: Callable[[Script], Lean]
+    def test_a_server_that_never_answers_is_a_timeout(self) -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            pool = Pool.for_url(f"http://127.0.0.1:{port}", timeout=0.2, tls=None)
+            assert pool is not None
+            started = time.monotonic()
+            with pytest.raises(WireTimeout, match="did not answer in time"):
+                pool.request("GET", "/", None, "t")
+            assert time.monotonic() - started < 5
+            pool.close()
+
+    def test_extra_headers_are_sent_and_a_line_break_in_one_is_refused(
+        self, scripted: Callable[[Script], Pool]
     ) -> None:
         script = Script([ok(b"{}")])
-        lean = scripted(script)
-        with pytest.raises(LeanError, match="line break"):
-            lean.request("GET", "/", None, "s.tok\r\nX-Evil: 1")
+        pool = scripted(script)
+        pool.request("GET", "/v1/x", None, "t", {"X-Vault-Wrap-TTL": "60s"})
+        assert b"\r\nX-Vault-Wrap-TTL: 60s\r\n" in script.received[0]
+        with pytest.raises(WireError, match="line break"):
+            pool.request("GET", "/", None, "t", {"X-Evil": "1\r\nX-More: 2"})
+        assert len(script.received) == 1
+
+    def test_a_token_with_a_line_break_is_never_sent(
+        self, scripted: Callable[[Script], Pool]
+    ) -> None:
+        script = Script([ok(b"{}")])
+        pool = scripted(script)
+        with pytest.raises(WireError, match="line break"):
+            pool.request("GET", "/", None, "s.tok\r\nX-Evil: 1")
         assert script.received == []

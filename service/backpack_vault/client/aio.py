@@ -166,7 +166,9 @@ class AsyncBrokerClient:
             )
         except httpx.HTTPError as exc:
             raise unreachable(f"Vault at {self.vault_addr}", exc) from None
-        return parse_copy(ref, unwrapped(ref, response), received_at=self._clock())
+        return parse_copy(
+            ref, unwrapped(ref, response.status_code, response.content), received_at=self._clock()
+        )
 
     async def sign(
         self,

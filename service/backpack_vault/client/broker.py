@@ -31,6 +31,7 @@ Errors (KeyRevoked, AccessDenied, BrokerUnavailable, ...) are in
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import ssl
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, Self
 
 import httpx
+import orjson
 
 from backpack_vault.backpack.instructions import lookup
 from backpack_vault.backpack.signing import DEFAULT_WINDOW_MS, Params
@@ -66,7 +68,6 @@ from backpack_vault.client.protocol import (
     unwrapped,
 )
 from backpack_vault.client.protocol import ref as _ref
-from backpack_vault.client.transport import Lean, LeanError
 from backpack_vault.client.vault_auth import VaultAuth, VaultLogin, client_env
 from backpack_vault.client.watch import FINAL_STATUSES, READ_TIMEOUT_S, Watch, WatchEvent
 from backpack_vault.config import Secret
@@ -83,6 +84,7 @@ from backpack_vault.errors import (
     ServiceError,
     not_usable,
 )
+from backpack_vault.wire import Pool, WireError
 
 __all__ = [
     "REFRESH_FRACTION",
@@ -148,11 +150,12 @@ class BrokerClient:
         tls = tls_context(verify) if http is None else None
         self._http = http or httpx.Client(timeout=timeout, verify=tls or True)
         self._owns_http = http is None
-        # The daemon's calls take the lean path (client/transport.py) unless the caller
-        # handed in an httpx.Client: then its hooks, transport and proxies serve them all.
-        self._lean_settings = (timeout, tls) if tls is not None else None
-        self._lean: tuple[str, Lean | None] | None = None
-        self._lean_lock = threading.Lock()
+        # The daemon's calls and the unwraps at Vault go over kept connections (wire.py)
+        # unless the caller handed in an httpx.Client: then its hooks, transport and
+        # proxies serve them all.
+        self._wire_settings = (timeout, tls) if tls is not None else None
+        self._pools: dict[str, Pool | None] = {}
+        self._pools_lock = threading.Lock()
         self.login = VaultLogin(auth, self.vault_addr, self._http)
         self._clock = clock
         self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
@@ -185,8 +188,11 @@ class BrokerClient:
         for thread in list(self._threads):
             thread.join(_JOIN_S)
         self.login.close()
-        if self._lean is not None and self._lean[1] is not None:
-            self._lean[1].close()
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            if pool is not None:
+                pool.close()
         if self._owns_http:
             self._http.close()
 
@@ -222,8 +228,8 @@ class BrokerClient:
 
     def _send(self, method: str, key: KeyRef, suffix: str, body: Any, token: Secret) -> Any:
         """One call to the daemon: its JSON answer, or our error for it."""
-        lean = self._lean_for_url()
-        if lean is None:
+        pool = self._pool_for(self.url)
+        if pool is None:
             try:
                 response = self._http.request(
                     method,
@@ -234,37 +240,35 @@ class BrokerClient:
             except httpx.HTTPError as exc:
                 raise unreachable(f"the broker at {self.url}", exc) from None
             return answer_json(response, str(key), self.url)
-        content = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        content = None if body is None else _json_bytes(body)
         try:
-            status, headers, answer = lean.request(
-                method, key_url("", key, suffix), content, token.reveal()
+            status, headers, answer = pool.request(
+                method, _path(key, suffix), content, token.reveal()
             )
-        except LeanError as exc:
+        except WireError as exc:
             raise BrokerUnavailable(f"the broker at {self.url} is unreachable: {exc}") from None
         if HTTPStatus.OK <= status < HTTPStatus.MULTIPLE_CHOICES:
             try:
-                return json.loads(answer)
+                return orjson.loads(answer)
             except ValueError:
                 raise BrokerUnavailable(
                     f"the broker at {self.url} answered with invalid JSON"
                 ) from None
         raise error_from(httpx.Response(status, headers=headers, content=answer), str(key))
 
-    def _lean_for_url(self) -> Lean | None:
-        """The lean pool for the daemon at :attr:`url` (made anew if the URL changed)."""
-        if self._lean_settings is None:
+    def _pool_for(self, base: str) -> Pool | None:
+        """The kept connections to ``base`` (the daemon or Vault); None: httpx carries it."""
+        if self._wire_settings is None:
             return None
-        lean = self._lean
-        if lean is None or lean[0] != self.url:
-            with self._lean_lock:
-                lean = self._lean
-                if lean is None or lean[0] != self.url:
-                    if lean is not None and lean[1] is not None:
-                        lean[1].close()
-                    timeout, tls = self._lean_settings
-                    lean = (self.url, Lean.for_url(self.url, timeout=timeout, tls=tls))
-                    self._lean = lean
-        return lean[1]
+        try:
+            return self._pools[base]
+        except KeyError:
+            pass
+        timeout, tls = self._wire_settings
+        with self._pools_lock:
+            if base not in self._pools:
+                self._pools[base] = Pool.for_url(base, timeout=timeout, tls=tls)
+            return self._pools[base]
 
     # -- the four calls -------------------------------------------------------------------
 
@@ -276,16 +280,24 @@ class BrokerClient:
         return parse_copy(ref, self._unwrap(ref, wrap_token), received_at=self._clock())
 
     def _unwrap(self, ref: KeyRef, wrap_token: Secret) -> dict[str, Any]:
+        unreachable_vault = f"Vault at {self.vault_addr} is unreachable for unwrapping"
+        pool = self._pool_for(self.vault_addr)
+        if pool is not None:
+            try:
+                status, _headers, content = pool.request(
+                    "POST", "/v1/sys/wrapping/unwrap", None, wrap_token.reveal()
+                )
+            except WireError as exc:
+                raise BrokerUnavailable(f"{unreachable_vault}: {type(exc).__name__}") from None
+            return unwrapped(ref, status, content)
         try:
             response = self._http.post(
                 f"{self.vault_addr}/v1/sys/wrapping/unwrap",
                 headers={"X-Vault-Token": wrap_token.reveal()},
             )
         except httpx.HTTPError as exc:
-            raise BrokerUnavailable(
-                f"Vault at {self.vault_addr} is unreachable for unwrapping: {type(exc).__name__}"
-            ) from None
-        return unwrapped(ref, response)
+            raise BrokerUnavailable(f"{unreachable_vault}: {type(exc).__name__}") from None
+        return unwrapped(ref, response.status_code, response.content)
 
     def sign(
         self,
@@ -366,6 +378,21 @@ class BrokerClient:
 
 
 _params = request_params
+
+
+@functools.lru_cache(maxsize=256)
+def _path(key: KeyRef, suffix: str) -> str:
+    """The daemon's path for a key's call, quoted once per key and call."""
+    return key_url("", key, suffix)
+
+
+def _json_bytes(body: Any) -> bytes:
+    """A request body as JSON; orjson for speed, json for what orjson refuses (an int
+    beyond 64 bits), so the lean path sends what httpx would."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 class BrokerAuth(httpx.Auth):

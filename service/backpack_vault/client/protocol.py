@@ -208,17 +208,17 @@ def says_token_dead(error: ServiceError) -> bool:
     return isinstance(error, (NotAuthenticated, AccessDenied))
 
 
-def unwrapped(key: KeyRef, response: httpx.Response) -> dict[str, Any]:
-    """The data of Vault's answer to ``sys/wrapping/unwrap``."""
-    if response.status_code in (HTTPStatus.BAD_REQUEST, HTTPStatus.FORBIDDEN):
+def unwrapped(key: KeyRef, status: int, content: bytes) -> dict[str, Any]:
+    """The data of Vault's answer (``status``, body ``content``) to ``sys/wrapping/unwrap``."""
+    if status in (HTTPStatus.BAD_REQUEST, HTTPStatus.FORBIDDEN):
         raise CopyUnavailable(
             f"the copy of {key} could not be unwrapped: its wrapping token was already used, "
             "expired or was revoked (the key may have been retired or revoked)"
         )
-    if response.status_code != HTTPStatus.OK:
-        raise BrokerUnavailable(f"Vault answered {response.status_code} to unwrap")
+    if status != HTTPStatus.OK:
+        raise BrokerUnavailable(f"Vault answered {status} to unwrap")
     try:
-        data = response.json()["data"]
+        data = json.loads(content)["data"]
     except (ValueError, KeyError, TypeError):
         raise BrokerUnavailable("Vault's unwrap answer holds no data") from None
     if not isinstance(data, dict):

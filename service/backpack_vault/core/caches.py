@@ -7,6 +7,7 @@ plain numbers. None is thread-safe on its own: the owner holds its lock.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
@@ -91,18 +92,27 @@ class Ledger(Generic[K]):
     wrapping token's TTL ends; revoking an already unwrapped token is harmless.
     """
 
-    _by_key: dict[K, list[_Claim]] = field(default_factory=dict)
+    _by_key: dict[K, deque[_Claim]] = field(default_factory=dict)
 
     def record(self, key: K, accessor: str, expires_at: float, *, now: float) -> None:
-        claims = [c for c in self._by_key.get(key, ()) if c.expires_at > now]
+        """Note one copy; the key's oldest entries that expired go (all go in ``expired``).
+
+        Entries mostly arrive in the order they expire (one TTL for every copy), so
+        dropping from the left keeps a busy key's list short at O(1) per copy, where
+        rebuilding it cost O(copies in flight) on every copy.
+        """
+        claims = self._by_key.get(key)
+        if claims is None:
+            claims = self._by_key[key] = deque()
+        while claims and claims[0].expires_at <= now:
+            claims.popleft()
         claims.append(_Claim(accessor, expires_at))
-        self._by_key[key] = claims
 
     def expired(self, *, now: float) -> list[tuple[K, str]]:
         """Forget and return every entry whose wrapping token has expired."""
         gone: list[tuple[K, str]] = []
         for key in list(self._by_key):
-            keep = []
+            keep: deque[_Claim] = deque()
             for claim in self._by_key[key]:
                 if claim.expires_at > now:
                     keep.append(claim)

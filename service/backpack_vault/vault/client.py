@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
 import json
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, NoReturn
-from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
@@ -53,6 +50,7 @@ from backpack_vault.vault.port import (
     TokenInfo,
     WrapInfo,
 )
+from backpack_vault.wire import Pool, WireError, WireTimeout
 
 log = get_logger("backpack_vault.vault")
 
@@ -714,89 +712,41 @@ class Vault:
 
 
 class _Direct:
-    """Kept-alive ``http.client`` connections to Vault, one per thread, for the hot calls.
+    """Vault's hot call (a wrap) over kept-alive connections (:mod:`backpack_vault.wire`).
 
-    A reused connection that Vault closed while idle fails before any answer: it is
-    replaced once. Any other failure is raised as requests' or hvac's own exception,
-    so ``_calling`` maps it exactly as for every other call.
+    Only for a service client with no proxy (``for_service`` reads the proxy settings
+    once). Every failure is raised as requests' or hvac's own exception, so ``_calling``
+    maps it exactly as for every other call.
     """
 
-    def __init__(self, scheme: str, host: str, port: int, settings: VaultSettings) -> None:
-        self._scheme, self._host, self._port = scheme, host, port
-        self._timeout = settings.timeout
+    def __init__(self, pool: Pool, settings: VaultSettings) -> None:
+        self._pool = pool
         self._namespace = settings.namespace
-        self._tls: ssl.SSLContext | None = None
-        if scheme == "https":
-            self._tls = ssl.create_default_context(cafile=settings.cacert or None)
-        self._local = threading.local()
-        self._all: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
 
     @classmethod
     def for_settings(cls, settings: VaultSettings) -> _Direct | None:
-        parts = urlsplit(settings.addr)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return None
-        if parts.path not in ("", "/") or parts.username:
-            return None
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, settings)
+        tls = ssl.create_default_context(cafile=settings.cacert or None)
+        pool = Pool.for_url(settings.addr, timeout=settings.timeout, tls=tls, proxies=False)
+        return None if pool is None else cls(pool, settings)
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
-
-    def _conn(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, False
-        if self._tls is not None:
-            conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._timeout, context=self._tls
-            )
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-        self._local.conn = conn
-        with self._lock:
-            self._all.append(conn)
-        return conn, True
-
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
-        conn.close()
-        self._local.conn = None
-        with self._lock, contextlib.suppress(ValueError):
-            self._all.remove(conn)
+        self._pool.close()
 
     def post(
         self, path: str, payload: Mapping[str, Any], *, token: str, headers: Mapping[str, str]
     ) -> Any:
-        sent = {"Content-Type": "application/json", "X-Vault-Token": token, **headers}
+        sent = dict(headers)
         if self._namespace:
             sent["X-Vault-Namespace"] = self._namespace
-        body = json.dumps(payload).encode()
-        for _ in range(2):
-            conn, fresh = self._conn()
-            try:
-                conn.request("POST", path, body=body, headers=sent)
-                response = conn.getresponse()
-                text = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                self._drop(conn)
-                if fresh:
-                    raise requests.ConnectionError("Vault closed the connection") from None
-                continue  # kept while idle and closed by Vault meanwhile: a new one
-            except TimeoutError:
-                self._drop(conn)
-                raise requests.Timeout("Vault did not answer in time") from None
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(conn)
-                raise requests.ConnectionError(type(exc).__name__) from None
-            if response.will_close:
-                self._drop(conn)
-            return _answer(response.status, text, path)
-        raise requests.ConnectionError("Vault closed the connection")  # pragma: no cover
+        try:
+            status, _found, text = self._pool.request(
+                "POST", path, json.dumps(payload).encode(), token, sent
+            )
+        except WireTimeout:
+            raise requests.Timeout("Vault did not answer in time") from None
+        except WireError as exc:
+            raise requests.ConnectionError(str(exc)) from None
+        return _answer(status, text, path)
 
 
 def _answer(status: int, text: bytes, path: str) -> Any:

@@ -1,0 +1,302 @@
+"""Small JSON calls over kept-alive HTTP/1.1: one write out, httptools' C parser in.
+
+::
+
+    pool = Pool.for_url("http://backpack-vault:8280", timeout=5.0, tls=context)
+    status, headers, body = pool.request("POST", "/v1/keys/main/bot/sign", payload, token)
+
+Who uses it: ``BrokerClient`` for its calls to the daemon and its unwraps at
+Vault, and the daemon for the one Vault call on its hot path (wrapping a copy).
+
+Why not httpx or hvac there: a signature or a wrap is one small request and one
+small answer. httpx with httpcore and h11 spends about 0.9 ms of Python per call
+building, parsing and bookkeeping around a round trip that takes 0.3 to 0.5 ms
+on loopback; hvac and requests about 1.5 ms of CPU; the standard library's
+``http.client`` still about 0.3 ms, most of it in the ``email`` package that
+parses its answer headers (``bench/bots.py``, docs/performance.md). Here a request
+is one ``bytes`` written at once (TCP_NODELAY), and the answer is read by
+httptools, the C parser (llhttp) the daemon's own server uses: status, headers,
+``Content-Length`` or chunked bodies, keep-alive. The connection is kept for the
+next call. Callers use it only where no proxy applies (``for_url`` says None
+otherwise); streams (the watch) and everything else stay with httpx and hvac.
+
+Connections idle for longer than ``IDLE_S`` (under uvicorn's 5 s keep-alive), or
+found readable while idle (the server closed them), are dropped before use. A
+reused connection that fails before any byte of an answer arrives is replaced
+once, as a browser or httpcore would: the server did not answer that request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = ["IDLE_S", "Pool", "WireError", "WireTimeout"]
+
+IDLE_S: Final = 3.0  # uvicorn closes a connection idle for 5 s; Go's servers after longer
+_KEEP: Final = 8  # idle connections kept per pool
+_READ: Final = 65536  # bytes asked of the socket at once; an answer is well under 1 KiB
+_WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
+# What a kept connection the server closed meanwhile looks like on the next request.
+_STALE: Final = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+class WireError(OSError):
+    """The server could not be reached or answered with something that is not HTTP."""
+
+
+class WireTimeout(WireError):
+    """The server did not answer (or accept the connection) within the timeout."""
+
+
+class _NoAnswer(Exception):
+    """The connection ended before any byte of an answer arrived."""
+
+
+@dataclass(slots=True)
+class _Answer:
+    """httptools' callbacks for one answer: what it has read so far."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    body: list[bytes] = field(default_factory=list)
+    parser: httptools.HttpResponseParser | None = None
+    status: int = 0
+    keep: bool = False  # llhttp says so only while it parses this answer: noted then
+    headers_done: bool = False
+    complete: bool = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None  # set right after the parser is made
+        self.status = self.parser.get_status_code()
+        self.keep = self.parser.should_keep_alive()
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def ends_at_close(self) -> bool:
+        """An answer with neither a length nor chunks: its body runs to the close."""
+        return (
+            self.headers_done
+            and "content-length" not in self.headers
+            and "chunked" not in self.headers.get("transfer-encoding", "").lower()
+        )
+
+
+@dataclass(slots=True)
+class _Conn:
+    sock: socket.socket
+    used_at: float
+    fresh: bool = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class Pool:
+    """A small pool of HTTP/1.1 connections to one server; thread-safe."""
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        tls: ssl.SSLContext | None,
+        user_agent: str = "backpack-vault",
+    ) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._tls = tls if scheme == "https" else None
+        if scheme == "https" and tls is None:
+            self._tls = ssl.create_default_context()
+        named = f"[{host}]" if ":" in host else host
+        self._fixed = (
+            f"Host: {named}:{port}\r\nAccept: application/json\r\nUser-Agent: {user_agent}\r\n"
+        )
+        self._idle: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.connections = 0  # how many were opened: one serves call after call
+
+    @classmethod
+    def for_url(
+        cls, url: str, *, timeout: float, tls: ssl.SSLContext | None, proxies: bool = True
+    ) -> Pool | None:
+        """A pool for the server at ``url``; None when something else should carry the
+        calls: a proxy applies (as httpx and requests read the environment; ``proxies=False``
+        for a caller that never uses one), or the URL is not plain http(s) to a host."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+        if parts.path not in ("", "/") or parts.username or parts.query:
+            return None
+        if proxies:
+            found = urllib.request.getproxies()
+            wanted = found.get(parts.scheme) or found.get("all")
+            if wanted and not urllib.request.proxy_bypass(parts.hostname):
+                return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, timeout=timeout, tls=tls)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        token: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send one request with ``token`` in ``X-Vault-Token`` (``headers``: any more); the
+        answer's status, headers (lower-case names) and body."""
+        wire = self._wire(method, path, body, token, headers)
+        while True:
+            conn = self._checkout()
+            try:
+                conn.sock.sendall(wire)
+                status, found, answer, keep = _read(conn.sock)
+            except (_NoAnswer, *_STALE) as exc:  # nothing of an answer came back
+                conn.close()
+                if not conn.fresh:
+                    continue  # a kept connection the server had closed: a fresh one
+                if isinstance(exc, _NoAnswer):
+                    raise WireError("the server closed the connection without answering") from None
+                raise WireError(f"{type(exc).__name__}: {exc}") from None
+            except WireError:
+                conn.close()
+                raise
+            except TimeoutError:
+                conn.close()
+                raise WireTimeout("the server did not answer in time") from None
+            except (OSError, httptools.HttpParserError, ValueError) as exc:
+                conn.close()
+                raise WireError(f"{type(exc).__name__}: {exc}") from None
+            if keep:
+                self._checkin(conn)
+            else:
+                conn.close()
+            return status, found, answer
+
+    def _wire(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        token: str,
+        headers: Mapping[str, str] | None,
+    ) -> bytes:
+        """The request as it goes out: request line, headers and body in one ``bytes``."""
+        if "\r" in token or "\n" in token:
+            raise WireError("the Vault token holds a line break")
+        if not path.startswith("/") or any(c in path for c in " \r\n"):
+            raise WireError("the request path holds a space or a line break")
+        head = f"{method} {path} HTTP/1.1\r\n{self._fixed}X-Vault-Token: {token}\r\n"
+        for name, value in (headers or {}).items():
+            if any(c in name + value for c in "\r\n") or ":" in name:
+                raise WireError(f"the header {name[:40]!r} holds a line break or a colon")
+            head += f"{name}: {value}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        elif method in _WITH_BODY:
+            head += "Content-Length: 0\r\n"
+        try:
+            wire = (head + "\r\n").encode("ascii")
+        except UnicodeEncodeError:
+            raise WireError("the request path, a header or the Vault token is not ASCII") from None
+        return wire + body if body else wire
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _checkout(self) -> _Conn:
+        now = time.monotonic()
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if now - conn.used_at < IDLE_S and not _readable(conn.sock):
+                    conn.fresh = False
+                    return conn
+                conn.close()
+        return self._connect()
+
+    def _checkin(self, conn: _Conn) -> None:
+        conn.used_at = time.monotonic()
+        with self._lock:
+            if not self._closed and len(self._idle) < _KEEP:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _connect(self) -> _Conn:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except TimeoutError:
+            raise WireTimeout("the server did not accept a connection in time") from None
+        except OSError as exc:
+            raise WireError(f"{type(exc).__name__}: {exc}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise WireError(f"{type(exc).__name__}: {exc}") from None
+        with self._lock:
+            self.connections += 1
+        return _Conn(sock, time.monotonic())
+
+
+def _read(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
+    """One answer off ``sock``: status, headers, body, and whether the connection stays."""
+    answer = _Answer()
+    answer.parser = parser = httptools.HttpResponseParser(answer)
+    received = False
+    while not answer.complete:
+        try:
+            data = sock.recv(_READ)
+        except _STALE as exc:
+            if not received:
+                raise _NoAnswer from None
+            raise WireError(f"{type(exc).__name__} in the middle of an answer") from None
+        if not data:
+            if not received:
+                raise _NoAnswer
+            if answer.ends_at_close():
+                return answer.status, answer.headers, b"".join(answer.body), False
+            raise WireError("the server closed the connection in the middle of an answer")
+        received = True
+        parser.feed_data(data)
+    return answer.status, answer.headers, b"".join(answer.body), answer.keep
+
+
+def _readable(sock: socket.socket) -> bool:
+    """An idle connection with something to read has been closed by the server."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
