@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from backpack_vault.api import create_app
+from backpack_vault.api import _Refills, create_app
 from backpack_vault.backpack.signing import signing_string, verify
 from backpack_vault.broker import COPY, Broker
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
@@ -622,3 +623,55 @@ class TestNoSecretLeaks:
             if value in text
         ]
         assert leaks == []
+
+
+class TestRefills:
+    """Spares are wrapped in a thread of their own; the event loop only names the key."""
+
+    def test_a_key_asked_for_while_it_waits_is_refilled_once(self) -> None:
+        started, release = threading.Event(), threading.Event()
+        done: list[KeyRef] = []
+
+        def refill(ref: KeyRef) -> None:
+            started.set()
+            release.wait(5)
+            done.append(ref)
+
+        a, b = KeyRef("main", "a"), KeyRef("main", "b")
+        refills = _Refills(refill)
+        refills.want(a)
+        assert started.wait(5)  # a is being refilled: asking again queues one more
+        for ref in (a, b, a, b, a):
+            refills.want(ref)
+        release.set()
+        wait_until(lambda: len(done) == 3, what="three refills")
+        refills.close()
+        assert done == [a, a, b]
+
+    def test_a_failing_refill_does_not_end_the_thread(self) -> None:
+        done: list[KeyRef] = []
+
+        def refill(ref: KeyRef) -> None:
+            if ref.name == "bad":
+                raise RuntimeError("boom")
+            done.append(ref)
+
+        refills = _Refills(refill)
+        with capture_logs() as logs:
+            refills.want(KeyRef("main", "bad"))
+            refills.want(KeyRef("main", "good"))
+            wait_until(lambda: done == [KeyRef("main", "good")], what="the next refill")
+        refills.close()
+        assert [e["event"] for e in logs] == ["api.refill_crashed"]
+
+    def test_closed_it_stops_its_thread_and_takes_no_more(self) -> None:
+        done: list[KeyRef] = []
+        refills = _Refills(done.append)
+        refills.want(KeyRef("main", "a"))
+        wait_until(lambda: len(done) == 1, what="one refill")
+        thread = refills._thread
+        refills.close()
+        assert thread is not None
+        assert not thread.is_alive()
+        refills.want(KeyRef("main", "a"))
+        assert len(done) == 1

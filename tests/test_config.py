@@ -127,3 +127,32 @@ class TestLoad:
         """A config path that does not exist says so."""
         with pytest.raises(ConfigError, match="does not exist"):
             load({}, tmp_path / "nope.toml")
+
+
+class TestSecret:
+    def test_a_derived_value_is_worked_out_once_per_secret(self) -> None:
+        """The daemon hashes a worker's token several times per request: once, in fact."""
+        calls: list[str] = []
+
+        def digest(value: str) -> str:
+            calls.append(value)
+            return f"h({len(value)})"
+
+        token = Secret("s.worker")
+        assert [token.derived(digest) for _ in range(3)] == ["h(8)"] * 3
+        assert calls == ["s.worker"]
+        assert Secret("s.worker").derived(digest) == "h(8)"  # another object: worked out again
+        assert len(calls) == 2
+
+    def test_another_function_is_not_answered_from_the_memo(self) -> None:
+        token = Secret("abc")
+        assert token.derived(str.upper) == "ABC"
+        assert token.derived(str.title) == "Abc"
+        assert token.derived(str.upper) == "ABC"
+
+    def test_the_memo_never_shows_the_value(self) -> None:
+        token = Secret("s.canary-value")
+        token.derived(lambda value: value[::-1][:3])
+        assert "canary" not in repr(token)
+        assert "canary" not in f"{token}"
+        assert token == Secret("s.canary-value")  # equality is the value's alone

@@ -24,9 +24,12 @@ objects; no response body but a copy's own ``wrap_token`` carries anything secre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
@@ -90,6 +93,7 @@ class WatchSource(Protocol):
 MAX_BODY_BYTES: Final = 256 * 1024
 MAX_BODY_DEPTH: Final = 32
 MAX_REASON_CHARS: Final = 200
+_REFILL_JOIN_S: Final = 5.0  # at shutdown, a wrap in flight finishes (Vault's timeout bounds it)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 # Outcomes after which the broker has seen the key in Vault: only these name the key in a
 # metric label, so requests for made-up names cannot grow the series.
@@ -191,27 +195,35 @@ def _require_token(token: Secret | None) -> Secret:
     return token
 
 
+def _too_large() -> BodyTooLarge:
+    return BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
-    too_large = BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES // 1024} KiB")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
+        raise _too_large()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():  # bounded even without a Content-Length
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise too_large
+            raise _too_large()
         chunks.append(chunk)
-    body = b"".join(chunks)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if not body.strip():
         return {}
     if _nesting(body, MAX_BODY_DEPTH):
         raise InvalidInput(f"request body nests deeper than {MAX_BODY_DEPTH} levels")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidInput("request body is not valid JSON") from None
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # What orjson refuses and json reads (an integer beyond 64 bits) gets the answer it
+        # always got, a check of that field's own; nonsense is refused by both.
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
     return data
@@ -247,6 +259,54 @@ def _no_report(ref: KeyRef, reason: str) -> None:
     log.info("check.report_received", key=str(ref), reason=reason)
 
 
+class _Refills:
+    """Spare copies wrapped ahead, in one thread of their own, one key at a time.
+
+    After each copy the event loop only hands the key over (a set and a queue: no
+    await, no thread-pool round trip, which cost about as much CPU as the wrap
+    itself). A key already waiting is not queued twice: one refill tops it up.
+    """
+
+    def __init__(self, refill: Callable[[KeyRef], None]) -> None:
+        self._refill = refill
+        self._queue: queue.SimpleQueue[KeyRef | None] = queue.SimpleQueue()
+        self._waiting: set[KeyRef] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def want(self, ref: KeyRef) -> None:
+        with self._lock:
+            if self._closed or ref in self._waiting:
+                return
+            self._waiting.add(ref)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="backpack-vault-refills", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(ref)
+
+    def _run(self) -> None:
+        while (ref := self._queue.get()) is not None:
+            with self._lock:
+                self._waiting.discard(ref)
+            try:
+                self._refill(ref)
+            except ServiceError as exc:  # the next copy wraps inline instead; nothing is lost
+                log.debug("api.refill_failed", key=str(ref), error=exc.code)
+            except Exception:  # never the thread's end: the next copy asks again
+                log.exception("api.refill_crashed", key=str(ref))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(_REFILL_JOIN_S)
+
+
 class _Api:
     def __init__(
         self,
@@ -270,6 +330,12 @@ class _Api:
         self.clock = clock
         # Used on the event loop only, so it needs no lock.
         self.reports: RateLimiter[KeyRef] = RateLimiter(1, per=report_interval_s)
+        self.refills = _Refills(broker.refill)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        yield
+        self.refills.close()
 
     # -- the shared request path ----------------------------------------------------------
 
@@ -392,10 +458,7 @@ class _Api:
         return await self._answer("sign", request, work)
 
     async def _refill(self, ref: KeyRef) -> None:
-        try:
-            await run_in_threadpool(self.broker.refill, ref)
-        except ServiceError as exc:  # the next copy wraps inline instead; nothing is lost
-            log.debug("api.refill_failed", key=str(ref), error=exc.code)
+        self.refills.want(ref)  # async, so starlette runs it on the loop, not in a thread
 
     async def get_info(self, request: Request) -> Response:
         async def work(token: Secret | None, _facts: dict[str, Any]) -> Response:
@@ -518,6 +581,7 @@ def create_app(
             *(ui_routes(ui) if ui is not None else ()),
         ],
         exception_handlers={HTTPException: _http_error},
+        lifespan=api.lifespan,
     )
     app.router.redirect_slashes = False  # /v1/keys/a/b/ is a JSON 404, not a bare 307
     app.state.api = api

@@ -187,6 +187,7 @@ class _Grants:
         self._clock = clock
         self._decision_s = decision_s
         self._hash_key = secrets.token_bytes(32)
+        self._digest = self._digest_of  # one bound method: Secret.derived knows it again
         self._lock = threading.Lock()
         self.decisions: TTLCache[tuple[str, str], frozenset[str]] = TTLCache()
         self.identities: TTLCache[str, str] = TTLCache()
@@ -195,9 +196,10 @@ class _Grants:
         return f"{self._prefix}/{ref.subaccount}/{ref.name}/{grant}"
 
     def _hash(self, token: Secret) -> str:
-        return hashlib.blake2b(
-            token.reveal().encode(), key=self._hash_key, digest_size=16
-        ).hexdigest()
+        return token.derived(self._digest)  # once per request, however often it is asked
+
+    def _digest_of(self, value: str) -> str:
+        return hashlib.blake2b(value.encode(), key=self._hash_key, digest_size=16).hexdigest()
 
     def cached(self, token: Secret, path: str) -> frozenset[str] | None:
         """The decision on ``path``, if both it and the token's identity are in memory."""

@@ -35,10 +35,11 @@ __all__ = [
 class Secret:
     """A string that never shows itself in a repr, a log line or an f-string."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_derived", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._derived: tuple[Callable[[str], str], str] | None = None
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -56,6 +57,16 @@ class Secret:
 
     def reveal(self) -> str:
         return self._value
+
+    def derived(self, derive: Callable[[str], str]) -> str:
+        """``derive(value)``, worked out once per Secret for the function last asked: the
+        daemon's keyed hash of a worker's token, asked several times for one request."""
+        memo = self._derived
+        if memo is not None and memo[0] is derive:
+            return memo[1]
+        result = derive(self._value)
+        self._derived = (derive, result)
+        return result
 
 
 AUTH_METHODS: Final = ("token", "token-file", "approle", "kubernetes")

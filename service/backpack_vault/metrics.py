@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,6 +49,8 @@ class Metrics:
         # The *_created series double every counter's series and no panel or rule uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
+        # The worker API's series, by metric and label values: bounded as the series are.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self.build_info = Gauge(
             "backpack_vault_build_info",
             "Always 1; the labels say which backpack-vault and Python this process runs.",
@@ -181,15 +183,24 @@ class Metrics:
 
     # -- the worker API -------------------------------------------------------------------
 
+    def _child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per series: prometheus_client checks
+        and copies the label values on every call, which every copy and signature paid.
+        Only for metrics whose series are never removed."""
+        found = self._children.get((metric, values))
+        if found is None:
+            found = self._children[(metric, values)] = metric.labels(*values)
+        return found
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
-        self.latency.labels(route=route).observe(seconds)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.latency, route).observe(seconds)
 
     def observe_copy(self, key: str, outcome: str) -> None:
-        self.handouts.labels(key=key, outcome=outcome).inc()
+        self._child(self.handouts, key, outcome).inc()
 
     def observe_signature(self, key: str, instruction: str, outcome: str) -> None:
-        self.signatures.labels(key=key, instruction=instruction, outcome=outcome).inc()
+        self._child(self.signatures, key, instruction, outcome).inc()
 
     def observe_report(self, key: str, outcome: str) -> None:
         self.reports.labels(key=key, outcome=outcome).inc()
