@@ -23,7 +23,7 @@ from backpack_vault.daemon.feed import FeedPoller
 from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.events import Cause, Event, KeyStatusChanged
-from backpack_vault.testing import now_iso, store_key, wait_until
+from backpack_vault.testing import now_iso, rotate_now, store_key, wait_until
 from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.vault.client import Vault
 from backpack_vault.vault.port import Change
@@ -197,6 +197,35 @@ class TestFeedPoller:
         ]
         poller.poll()
         assert len(seen.events) == 2  # nothing new: nothing emitted again
+
+    def test_a_switch_is_told_to_the_streams_only_after_it_is_applied(self, vault: Vault) -> None:
+        """A worker that hears ``rotated`` asks for a copy at once: by then this replica's
+        broker must know the successor. Status news before it is told first (the cutoff);
+        the streams get every entry once, in seq order."""
+        other = KeyRef("main", "bot-b")
+        store_key(vault, REF)
+        store_key(vault, other)
+        order: list[str] = []
+        poller = FeedPoller(
+            vault,
+            emit=lambda event: order.append(f"emit {type(event).__name__} {event.ref}"),
+            notify=lambda changes: order.extend(f"notify {c.name} {c.ref}" for c in changes),
+        )
+        poller.poll()
+        vault.set_status(other, Status.REVOKED, now=now_iso())
+        rotate_now(vault, REF)
+        vault.set_status(other, Status.ACTIVE, now=now_iso(), reason="reinstated")
+        poller.poll()
+        told = [line for line in order if line.startswith("notify")]
+        assert told == [
+            "notify revoked main/bot-b",
+            "notify rotated main/bot-a",
+            "notify active main/bot-b",
+        ]
+        assert order[0] == "notify revoked main/bot-b"  # before any event is applied
+        applied = order.index("emit KeyRotated main/bot-a")
+        assert order.index("notify rotated main/bot-a") > applied
+        assert "emit KeyStatusChanged main/bot-b" in order
 
     def test_a_deleted_key_is_retired_with_cause_deleted(self, vault: Vault) -> None:
         store_key(vault, REF)

@@ -12,6 +12,7 @@ revoke`` reaches every replica within one interval plus a read or two::
     poll()   read the feed --nothing after our seq--> done
              --first poll---------------------------> remember its seq (nothing is cached yet)
              --entries after our seq---------------> notify(changes): the watch streams, by seq
+                                                     (from a "rotated" entry on: after the emits)
                                                      per key changed: read its record, emit
                                                      KeyStatusChanged(OBSERVED) (DELETED when
                                                      the key is gone) -> broker drops caches and,
@@ -97,10 +98,19 @@ class FeedPoller:
                 self._recovered()
                 return
             fresh = [c for c in changes if c.seq > self._notified]
-            if fresh:
+            # Status news reaches the watch streams before anything else (the cutoff). A
+            # switch is told only once this replica's broker has applied it: a worker that
+            # hears ``rotated`` and asks for a copy at once must get the successor, not a
+            # spare of the old key. Streams still see the entries in seq order.
+            switch = next((i for i, c in enumerate(fresh) if c.event == "rotated"), len(fresh))
+            if switch:
+                self._notified = fresh[switch - 1].seq
+                self._notify(fresh[:switch])
+            applied = self._apply(changes)
+            if fresh[switch:]:
                 self._notified = fresh[-1].seq
-                self._notify(fresh)
-            if self._apply(changes):
+                self._notify(fresh[switch:])
+            if applied:
                 self._seq = changes[-1].seq
                 self._recovered()
 
