@@ -6,16 +6,19 @@ Starts its own OpenBao dev server, the sandbox exchange and the daemon, each in
 its own process as deployed (the daemon checks keys against the sandbox). One key
 is stored in Vault and registered at the sandbox; the bot holds a worker token
 whose policy grants a copy and the orderExecute / orderCancelAll signatures.
-Three ``ccxt.backpack`` exchanges, rate limiter off, place resting limit orders
+Four ``ccxt.backpack`` exchanges, rate limiter off, place resting limit orders
 (SOL/USDC, far below the book) one after another:
 
     local key   ccxt signs by itself with the key in its config: the baseline
     copy mode   ``backpack_vault.ccxt.backpack(mode="copy")``: ccxt signs with the copy
     sign mode   ``backpack_vault.ccxt.backpack(mode="sign")``: the daemon signs each order
+    bare hop    the local key, plus a ``GET /healthz`` to the daemon before each order:
+                what one round trip to any process on this machine costs, before work
 
-Each variant places ``--orders`` orders in all, split over ``--rounds`` rounds in
-which the variants alternate, so drift on a noisy machine hits all of them alike;
-after each batch its orders are cancelled (not timed), so the book never grows.
+Each variant places ``--orders`` orders in all, split over ``--rounds`` rounds; in
+a round the variants take turns order by order (all three trade on one account,
+so they meet the same book), and drift on a noisy machine hits all of them alike;
+after each round the orders are cancelled (not timed), so the book stays small.
 Where sign mode's time goes is printed too: ``BrokerClient.sign`` alone, and the
 floor under it, the same ``/sign`` request (and ``/healthz``) written by hand on
 one kept socket, with no client library at all: what is left is the daemon's.
@@ -58,6 +61,7 @@ from backpack_vault.logging import configure
 from backpack_vault.testing import store_key
 from backpack_vault.vault.client import Provisioner, Vault
 from backpack_vault.vault.setup import render_worker_policy
+from backpack_vault.wire import Pool
 
 REF = KeyRef("main", "bench")
 SYMBOL = "SOL/USDC"
@@ -67,6 +71,8 @@ COPY_TARGET = 1.05  # p50 ratio to the local key
 SIGN_TARGET_MS = 0.5  # p50 added
 DAEMON_ALONE = "daemon alone"
 SIGNED_BY_CCXT = ("local key", "copy mode")
+BARE_HOP = "bare hop"
+IDLE_S = 0.004  # between raw calls, for the idle floor: about an order's round trip
 ORDER = {
     "symbol": "SOL_USDC",
     "side": "Bid",
@@ -138,16 +144,40 @@ def worker_token(vault: Vault) -> Secret:
     return provisioner.create_token(["bench-bots"])
 
 
+class BareHop(ccxt.backpack):  # type: ignore[misc]
+    """The local key, plus one bare round trip to the daemon (``GET /healthz``, over the
+    connection the client keeps) before each private request: what any signing sidecar
+    on this machine costs before it does any work."""
+
+    def __init__(self, config: dict[str, Any], daemon_url: str) -> None:
+        super().__init__(config)
+        self.hop = Pool.for_url(daemon_url, timeout=5.0, tls=None, proxies=False)
+
+    def sign(
+        self,
+        path: str,
+        api: str = "public",
+        method: str = "GET",
+        params: Any = None,
+        headers: Any = None,
+        body: Any = None,
+    ) -> Any:
+        if api == "private" and self.hop is not None:
+            self.hop.request("GET", "/healthz", None, "-")
+        return super().sign(path, api, method, params or {}, headers, body)
+
+
 def exchanges(sandbox_url: str, pair: KeyPair, broker: BrokerClient) -> dict[str, Any]:
     config = {
         "enableRateLimit": False,
         "urls": {"api": {"public": sandbox_url, "private": sandbox_url}},
     }
-    local = ccxt.backpack(config | {"apiKey": pair.api_key, "secret": pair.secret.reveal()})
+    credentials = {"apiKey": pair.api_key, "secret": pair.secret.reveal()}
     return {
-        "local key": local,
+        "local key": ccxt.backpack(config | credentials),
         "copy mode": backpack(config, broker=broker, key=REF, mode="copy"),
         "sign mode": backpack(config, broker=broker, key=REF, mode="sign"),
+        BARE_HOP: BareHop(config | credentials, broker.url),
     }
 
 
@@ -165,7 +195,8 @@ def place(exchange: Any, count: int, into: list[float] | None = None) -> None:
 
 
 def measure(variants: dict[str, Any], orders: int, rounds: int) -> list[Samples]:
-    """The three variants' orders, then the daemon's signature alone, alternating in rounds."""
+    """The three variants' orders, taking turns order by order, then the daemon's signature
+    alone, in rounds; the book is emptied after each round (not timed)."""
     broker = variants["sign mode"].key_handle.broker
     results = {name: Samples(name) for name in [*variants, DAEMON_ALONE]}
     for exchange in variants.values():
@@ -173,10 +204,22 @@ def measure(variants: dict[str, Any], orders: int, rounds: int) -> list[Samples]
         place(exchange, min(WARMUP, orders))
     per_round = max(1, orders // rounds)
     for _ in range(rounds):
-        for name, exchange in variants.items():
-            place(exchange, per_round, results[name].seconds)
+        # One account, one book: taking turns, every variant meets the same book and the
+        # same moment of a noisy machine.
+        for _ in range(per_round):
+            for name, exchange in variants.items():
+                place_one(exchange, results[name].seconds)
+        next(iter(variants.values())).cancel_all_orders(SYMBOL)
         results[DAEMON_ALONE].seconds.extend(daemon_alone(broker, per_round))
     return list(results.values())
+
+
+def place_one(exchange: Any, into: list[float]) -> None:
+    started = time.perf_counter()
+    order = exchange.create_order(SYMBOL, "limit", "buy", 0.01, 100.0)
+    into.append(time.perf_counter() - started)
+    if order["status"] != "open":
+        raise SystemExit(f"an order was not placed: {order['status']}")
 
 
 def daemon_alone(broker: BrokerClient, count: int) -> list[float]:
@@ -228,11 +271,16 @@ def raw_round_trips(daemon_url: str, token: Secret, count: int) -> list[Samples]
                         length = int(line.split(b":")[1])
                 reader.read(length)
 
-            for name, wire in wires.items():
+            for name, wire, idle_s in (
+                *((name, wire, 0.0) for name, wire in wires.items()),
+                ("raw /healthz, 4 ms apart", wires["raw /healthz"], IDLE_S),
+            ):
                 for _ in range(WARMUP):
                     once(wire)
                 sample = Samples(name)
                 for _ in range(count):
+                    if idle_s:
+                        time.sleep(idle_s)  # as between orders: the daemon sleeps meanwhile
                     started = time.perf_counter()
                     once(wire)
                     sample.seconds.append(time.perf_counter() - started)
@@ -242,14 +290,14 @@ def raw_round_trips(daemon_url: str, token: Secret, count: int) -> list[Samples]
 
 @dataclass
 class Report:
-    orders: list[Samples]  # local key, copy mode, sign mode
+    orders: list[Samples]  # local key, copy mode, sign mode, bare hop
     daemon: Samples  # BrokerClient.sign alone
     sign_us: dict[str, float]  # ccxt's sign() alone: local key, copy mode
-    raw: list[Samples]  # /healthz and /sign on a raw socket
+    raw: list[Samples]  # /healthz and /sign on a raw socket, and /healthz after idling
 
 
 def print_report(report: Report, elapsed: float) -> None:
-    local, copy, sign = report.orders
+    local, copy, sign, hop = report.orders
     print()
     print("(a) order placement through ccxt on the sandbox (create_order, rate limiter off)")
     print(
@@ -273,10 +321,14 @@ def print_report(report: Report, elapsed: float) -> None:
         f"    sign mode: the daemon's signature alone (BrokerClient.sign) p50 "
         f"{report.daemon.p50_ms:.3f} ms, p99 {report.daemon.p99_ms:.3f} ms"
     )
-    health, raw_sign = report.raw
+    health, raw_sign, idle = report.raw
     print(
         f"    the floor, no client library (one raw socket): /healthz p50 "
         f"{health.p50_ms:.3f} ms, /sign p50 {raw_sign.p50_ms:.3f} ms, p99 {raw_sign.p99_ms:.3f} ms"
+    )
+    print(
+        f"    the same /healthz {IDLE_S * 1000:.0f} ms apart (the daemon idle in between, as "
+        f"between orders): p50 {idle.p50_ms:.3f} ms"
     )
     print(
         f"    so BrokerClient.sign spends {report.daemon.p50_ms - raw_sign.p50_ms:+.3f} ms in the "
@@ -292,6 +344,10 @@ def print_report(report: Report, elapsed: float) -> None:
     print(
         f"sign mode: p50 {sign_added:+.3f} ms over the local key (target <= "
         f"{SIGN_TARGET_MS} ms) -> {'meets' if sign_ok else 'MISSES'} target"
+    )
+    print(
+        f"  of which the bare hop to the daemon (GET /healthz) is {hop.p50_ms - local.p50_ms:+.3f}"
+        f" ms; the signature beyond it {sign.p50_ms - hop.p50_ms:+.3f} ms"
     )
     print(f"(finished in {elapsed:.1f} s)")
 
@@ -331,7 +387,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         samples = measure(variants, args.orders, args.rounds)
         sign_us = {name: sign_alone_us(variants[name], args.orders * 6) for name in SIGNED_BY_CCXT}
         raw = raw_round_trips(daemon_url, token, args.orders)
-        return Report(samples[:3], samples[3], sign_us, raw)
+        return Report(samples[:4], samples[4], sign_us, raw)
 
 
 def main() -> int:
