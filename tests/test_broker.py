@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from backpack_vault.errors import (
     ReadOnlyKey,
     ServiceError,
     UnknownKey,
+    VaultUnavailable,
 )
 from backpack_vault.events import Cause, CopiesRevoked, Event, EventBus, KeyStatusChanged
 from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
@@ -693,6 +695,71 @@ class TestCaches:
         assert first is not None
         broker.sign(root_token, ref, "accountQuery", {})
         assert broker._keys.loaded.get(ref, now=time.time()) is first
+
+
+ORDER_PARAMS = {"symbol": "SOL_USDC", "side": "Bid", "orderType": "Limit", "quantity": "1"}
+
+
+class TestGrantQuestions:
+    def test_requests_missing_one_decision_at_once_ask_vault_once(
+        self, vault: Vault, vault_settings: VaultSettings, ref: KeyRef, root_token: Secret
+    ) -> None:
+        """Eight requests need the same expired decision together: one question to Vault,
+        answered for all eight (under load, each used to ask and the Vault pool overflowed)."""
+        counting = CountingVault(vault)
+        arrived = threading.Barrier(8)
+        broker = Broker(counting, settings(), grant_prefix=vault_settings.grant_prefix)
+        broker.sign(root_token, ref, "accountQuery", {})  # key and identity cached
+        broker._grants.decisions.clear()
+        counting.calls.clear()
+        counting.before["capabilities"] = lambda: time.sleep(0.3)  # the others queue up meanwhile
+        signed: list[str] = []
+
+        def sign() -> None:
+            arrived.wait(5)
+            signed.append(broker.sign(root_token, ref, "orderExecute", ORDER_PARAMS).key.name)
+
+        workers = [threading.Thread(target=sign) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(10)
+        assert signed == ["bot-a"] * 8
+        assert counting.calls.count("capabilities") == 1
+
+    def test_when_the_one_question_fails_the_others_ask_again(
+        self, vault: Vault, vault_settings: VaultSettings, ref: KeyRef, root_token: Secret
+    ) -> None:
+        """The request whose question failed gets the error; those waiting ask for themselves."""
+        counting = CountingVault(vault)
+        broker = Broker(counting, settings(), grant_prefix=vault_settings.grant_prefix)
+        broker.sign(root_token, ref, "accountQuery", {})
+        broker._grants.decisions.clear()
+        started = threading.Event()
+
+        def fail() -> None:
+            started.set()
+            time.sleep(0.3)
+            raise VaultUnavailable("Vault is sealed")
+
+        counting.before["capabilities"] = fail
+        outcomes: list[str] = []
+
+        def sign() -> None:
+            try:
+                broker.sign(root_token, ref, "orderExecute", ORDER_PARAMS)
+                outcomes.append("signed")
+            except VaultUnavailable:
+                outcomes.append("unavailable")
+
+        first = threading.Thread(target=sign)
+        first.start()
+        assert started.wait(5)
+        second = threading.Thread(target=sign)
+        second.start()
+        first.join(10)
+        second.join(10)
+        assert sorted(outcomes) == ["signed", "unavailable"]
 
 
 class CountingVault:

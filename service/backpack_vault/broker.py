@@ -82,6 +82,7 @@ ALL_INSTRUCTIONS: Final[tuple[str, ...]] = tuple(
 COPY: Final = "copy"  # the copy grant; a sign grant is "sign/<instruction>"
 _SIGN: Final = "sign/"
 _IDENTITY_TTL_S: Final = 300.0
+_FLIGHT_WAIT_S: Final = 10.0  # how long a request waits for another's question to Vault
 # A pre-wrapped copy is handed out only while most of its wrapping TTL is left.
 _SPARE_MAX_AGE: Final = 0.25
 
@@ -190,6 +191,7 @@ class _Grants:
         self._digest = self._digest_of  # one bound method: Secret.derived knows it again
         self._lock = threading.Lock()
         self.decisions: TTLCache[tuple[str, str], frozenset[str]] = TTLCache()
+        self._flights: dict[tuple[str, tuple[str, ...]], threading.Event] = {}
         self.identities: TTLCache[str, str] = TTLCache()
 
     def path(self, ref: KeyRef, grant: str) -> str:
@@ -222,17 +224,48 @@ class _Grants:
             known = self.identities.get(digest, now=now) is not None
         missing = [p for p in paths if p not in found]
         if missing:
-            fresh = self._vault.capabilities(token, missing)
-            until = self._clock() + self._decision_s
-            with self._lock:
-                for path, caps in fresh.items():
-                    self.decisions.put((digest, path), caps, until=until, now=now)
-            found.update(fresh)
+            found.update(self._decide(token, digest, missing))
         if not known:
             name = self._vault.lookup_caller(token).identity
             with self._lock:
                 self.identities.put(digest, name, until=now + _IDENTITY_TTL_S, now=now)
         return found
+
+    def _decide(self, token: Secret, digest: str, paths: list[str]) -> dict[str, frozenset[str]]:
+        """Vault's decisions on ``paths``, asked once however many requests need them.
+
+        When a decision expires under load, every request in flight misses it at the
+        same moment: one asks Vault, the others wait for its answer (at most
+        ``_FLIGHT_WAIT_S``) and ask Vault themselves only if it brought none.
+        """
+        key = (digest, tuple(paths))
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = threading.Event()
+        if leader:
+            try:
+                return self._ask_vault(token, digest, paths)
+            finally:
+                with self._lock:
+                    del self._flights[key]
+                flight.set()
+        flight.wait(_FLIGHT_WAIT_S)
+        now = self._clock()
+        with self._lock:
+            decided = {p: self.decisions.get((digest, p), now=now) for p in paths}
+        if all(caps is not None for caps in decided.values()):
+            return {p: caps for p, caps in decided.items() if caps is not None}
+        return self._ask_vault(token, digest, paths)  # the one asked failed: its error was its own
+
+    def _ask_vault(self, token: Secret, digest: str, paths: list[str]) -> dict[str, frozenset[str]]:
+        fresh = self._vault.capabilities(token, paths)
+        now = self._clock()
+        with self._lock:
+            for path, caps in fresh.items():
+                self.decisions.put((digest, path), caps, until=now + self._decision_s, now=now)
+        return fresh
 
     def require(self, token: Secret | None, ref: KeyRef, grant: str) -> str:
         """Refuse unless the token holds ``grant`` on ``ref``; return the caller's identity."""

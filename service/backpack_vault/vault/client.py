@@ -25,6 +25,7 @@ import hvac
 import hvac.exceptions
 import hvac.utils
 import requests
+import requests.adapters
 
 from backpack_vault.config import Secret, VaultSettings, read_secret_file
 from backpack_vault.core.clock import iso_utc
@@ -56,6 +57,7 @@ log = get_logger("backpack_vault.vault")
 
 _FEED_WRITE_ATTEMPTS: Final = 8
 _MAX_META_VALUE: Final = 512  # Vault's limit on one custom_metadata value
+_POOL_SIZE: Final = 40  # kept connections to Vault: the API thread pool's size
 
 __all__ = ["Capabilities", "Provisioner", "TokenInfo", "Vault", "WrapInfo"]
 
@@ -697,6 +699,11 @@ class Vault:
         REQUESTS_CA_BUNDLE is not consulted: Vault's own VAULT_CACERT is.
         """
         session = requests.Session()
+        # As many kept connections as the API's thread pool has threads (anyio's 40):
+        # fewer, and a burst of calls to Vault closes and reopens the rest each time.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=_POOL_SIZE)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         proxies = requests.utils.get_environ_proxies(settings.addr)
         session.proxies.update(proxies)
         session.trust_env = False
