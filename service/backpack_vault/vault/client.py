@@ -732,7 +732,9 @@ class _Direct:
 
     @classmethod
     def for_settings(cls, settings: VaultSettings) -> _Direct | None:
-        tls = ssl.create_default_context(cafile=settings.cacert or None)
+        tls = None
+        if settings.addr.startswith("https:"):
+            tls = ssl.create_default_context(cafile=settings.cacert or None)
         pool = Pool.for_url(settings.addr, timeout=settings.timeout, tls=tls, proxies=False)
         return None if pool is None else cls(pool, settings)
 
