@@ -30,8 +30,12 @@ type: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
+# pytest runs in PYTEST_JOBS processes (pytest-xdist; each starts its own OpenBao dev server).
+# COVERAGE_PROCESS_START makes every Python process the tests start measure itself too.
+PYTEST_JOBS ?= 2
 unit: $(STAMP)
-	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml \
+	    $(BIN)/coverage run -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 

@@ -316,7 +316,9 @@ class TestVerdict:
         vault.set_status(REF, Status.RETIRED, now=now_iso())
         assert keeper.verdict(BOUND) == "retired"
         assert time.monotonic() - started < BOUND / 2
-        assert desk.count("") == 1  # asked once; the watch brought the verdict
+        # Asked at most once: the watch brought the verdict (on a busy machine it may have
+        # brought it before the wait began, and then nothing was asked at all).
+        assert desk.count("") <= 1
         keeper.close()
 
 
