@@ -372,6 +372,36 @@ class TestProtocol:
         with pytest.raises(WireError, match="without answering"):
             pool.request("GET", "/", None, "t")
 
+    def test_an_answer_that_runs_to_the_close_is_read_whole(
+        self, scripted: Callable[[Script], Pool]
+    ) -> None:
+        """No Content-Length, no chunks: HTTP/1.1 says the body ends where the connection
+        does; it is read whole, and the connection is not kept."""
+        script = Script([b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"a":1}'], {1})
+        pool = scripted(script)
+        assert pool.request("GET", "/", None, "t")[::2] == (200, b'{"a":1}')
+        assert pool._idle == []
+
+    def test_a_connection_closed_in_the_middle_of_an_answer_is_an_error(
+        self, scripted: Callable[[Script], Pool]
+    ) -> None:
+        """Part of an answer came back: the request may have been acted on, so it is not
+        sent again; the caller hears the daemon did not finish answering."""
+        script = Script([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"], {1})
+        pool = scripted(script)
+        with pytest.raises(WireError, match="in the middle of an answer"):
+            pool.request("POST", "/v1/keys/main/b/sign", b"{}", "t")
+        assert len(script.received) == 1
+
+    def test_a_token_that_is_not_ascii_is_never_sent(
+        self, scripted: Callable[[Script], Pool]
+    ) -> None:
+        script = Script([ok(b"{}")])
+        pool = scripted(script)
+        with pytest.raises(WireError, match="not ASCII"):
+            pool.request("GET", "/", None, "s.tök")
+        assert script.received == []
+
     def test_a_server_that_never_answers_is_a_timeout(self) -> None:
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
