@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -511,6 +514,68 @@ class TestDrills:
         assert (record.previous.api_key, record.previous.status) == (pair.api_key, "revoked")
         assert running.broker.sign(REF, "accountQuery")["X-API-Key"] == standby
 
+    def test_exec_follows_an_operator_revoke_to_the_ready_standby(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        sandbox: SandboxAdmin,
+        running: Running,
+        dev_vault: DevVault,
+        tmp_path: Path,
+    ) -> None:
+        """A revoke with a ready standby: exec stops the bot at once and, once the leader
+        has switched the name, starts it on the standby, where it used to exit 6."""
+        pair = stored_in_sandbox(vault, sandbox)
+        env = cli_env(vault_settings, sandbox)
+        made = run_cli(env, "keys", "generate", str(REF), "--standby")
+        assert made.exit_code == 0, made.output
+        standby = made.stdout.strip()
+        sandbox.register(standby)
+        wait_until(lambda: _next_state(vault) == "ready", timeout=BOUND)
+        bot, out = _exec_bot(tmp_path, running.url, dev_vault)
+        try:
+            wait_until(lambda: _bot_lines(out) == [f"start {pair.api_key}"], BOUND, "the bot")
+            revoked = run_cli(env, "keys", "revoke", str(REF), "--reason", "leaked")
+            assert revoked.exit_code == 0, revoked.output
+            wait_until(lambda: len(_bot_lines(out)) == 3, BOUND, "the bot on the standby")
+            assert _bot_lines(out) == [f"start {pair.api_key}", "stop", f"start {standby}"]
+            assert bot.poll() is None
+        finally:
+            bot.send_signal(signal.SIGTERM)
+            _, err = bot.communicate(timeout=BOUND)
+        assert bot.returncode == 42  # the bot's own code: exec forwarded SIGTERM to it
+        assert "has a ready standby" in err
+
+    def test_exec_exits_as_for_a_revoke_when_the_standby_is_refused_too(
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        sandbox: SandboxAdmin,
+        running: Running,
+        dev_vault: DevVault,
+        tmp_path: Path,
+    ) -> None:
+        """The standby Backpack no longer accepts never takes over: the bot stops at the
+        revoke and exec exits 6 (at the latest after --failover-wait)."""
+        pair = stored_in_sandbox(vault, sandbox)
+        env = cli_env(vault_settings, sandbox)
+        made = run_cli(env, "keys", "generate", str(REF), "--standby")
+        standby = made.stdout.strip()
+        sandbox.register(standby)
+        wait_until(lambda: _next_state(vault) == "ready", timeout=BOUND)
+        bot, out = _exec_bot(tmp_path, running.url, dev_vault, "--failover-wait", "3")
+        try:
+            wait_until(lambda: _bot_lines(out) == [f"start {pair.api_key}"], BOUND, "the bot")
+            sandbox.revoke(standby)  # leaked with the key, say
+            assert run_cli(env, "keys", "revoke", str(REF), "--reason", "leaked").exit_code == 0
+            _, err = bot.communicate(timeout=BOUND)
+        finally:
+            if bot.poll() is None:
+                bot.kill()
+        assert bot.returncode == 6, err
+        assert _bot_lines(out) == [f"start {pair.api_key}", "stop"]
+        assert vault.read_record(REF).api_key == pair.api_key
+
     def test_a_revocation_without_a_ready_standby_is_a_revocation(
         self,
         vault: Vault,
@@ -535,6 +600,46 @@ class TestDrills:
 def _previous_status(vault: Vault) -> str:
     previous = vault.read_record(REF).previous
     return previous.status if previous else ""
+
+
+_BOT = r"""
+import json, os, signal, sys, time
+out = sys.argv[1]
+def note(line):
+    with open(out, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+note("start " + os.environ["BACKPACK_API_KEY"])
+signal.signal(signal.SIGTERM, lambda *_: (note("stop"), sys.exit(42)))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _exec_bot(
+    tmp_path: Path, daemon_url: str, dev_vault: DevVault, *options: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """``backpack-vault exec`` running _BOT, which notes each start (and key) and stop."""
+    child, out = tmp_path / "bot.py", tmp_path / "bot.jsonl"
+    child.write_text(_BOT)
+    argv = [sys.executable, "-m", "backpack_vault", "exec", str(REF), *options, "--"]
+    bot = subprocess.Popen(
+        [*argv, sys.executable, str(child), str(out)],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(tmp_path),
+            "BACKPACK_VAULT_DAEMON_URL": daemon_url,
+            "VAULT_ADDR": dev_vault.addr,
+            "VAULT_TOKEN": dev_vault.root_token.reveal(),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return bot, out
+
+
+def _bot_lines(out: Path) -> list[str]:
+    return out.read_text().splitlines() if out.exists() else []
 
 
 def _next_state(vault: Vault) -> str:

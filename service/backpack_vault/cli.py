@@ -812,6 +812,14 @@ grant refused; 5 unknown key; 8 daemon or Vault unreachable; 126 CMD cannot run;
 @click.option(
     "--grace", type=float, default=10.0, show_default=True, help="Seconds from SIGTERM to SIGKILL."
 )
+@click.option(
+    "--failover-wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="After a revoke of a key with a ready standby: seconds to wait for the switch to "
+    "it, CMD stopped meanwhile, before exiting as for a revoke (0: exit at once).",
+)
 @pass_ctx
 @handle_errors
 def exec_command(
@@ -826,6 +834,7 @@ def exec_command(
     file_format: str,
     on_change: tuple[str, ...],
     grace: float,
+    failover_wait: float,
 ) -> None:
     """Run CMD with a copy of the key in its environment (or a file); restart or stop it
     when the key rotates, is retired or revoked. Signals are forwarded; CMD's exit code
@@ -848,6 +857,7 @@ def exec_command(
         file_format="env" if file_format == "env" else "json",
         actions=runner.parse_on_change(on_change, file_sink=file_path is not None),
         grace_s=grace,
+        failover_wait_s=failover_wait,
     )
     broker = BrokerClient.from_env(environ, url=daemon_url)
     sys.exit(runner.run(broker, options, environ))

@@ -6,6 +6,11 @@ SIGHUP, exit with CMD's code. The key is watched; what a change does is
 ``--on-change [EVENT=]ACTION`` (events ``rotated``, ``retired``, ``revoked``,
 ``refresh``; actions ``restart``, ``stop``, ``signal:NAME``, ``ignore``).
 
+A revoked key whose name has a ready standby is a failover in the making: with
+the default ``revoked=stop``, exec stops CMD at once, waits (at most
+``--failover-wait``, 60 s) for the daemon to switch the name to the standby, and
+starts CMD again with it; only if no switch comes does it exit as for a revoke.
+
 Exit codes: CMD's own (128+N when a signal N ended it); 6 when exec stopped CMD
 because the key was retired or revoked, or the key is not usable at start; 2
 settings; 4 the worker's Vault login or grant refused; 5 unknown key; 8 the
@@ -26,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +67,7 @@ _WITHHELD: Final = (
 )
 _FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _TICK_S: Final = 0.5
+_STOPPING: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def parse_on_change(values: Sequence[str], *, file_sink: bool = False) -> dict[str, str]:
@@ -100,6 +107,7 @@ class ExecOptions:
     file_format: Literal["json", "env"] = "json"
     actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTIONS))
     grace_s: float = 10.0
+    failover_wait_s: float = 60.0  # a revoke with a ready standby: how long to wait for it
 
 
 def render(copy: Copy, options: ExecOptions) -> str:
@@ -254,11 +262,7 @@ class _Runner:
         try:
             fresh = self.keeper.current()
         except KeyNotUsable as exc:
-            if exc.status not in FINAL_STATUSES:
-                return None
-            if exc.status == "revoked":
-                _remove(self.options.file)
-            return self._apply(exc.status)
+            return self._ended(exc.status) if exc.status in FINAL_STATUSES else None
         except ServiceError:
             return None  # the daemon may be back before the copy expires: next tick
         if fresh is held:
@@ -267,6 +271,65 @@ class _Runner:
         if held is not None and (fresh.api_key, fresh.version) == (held.api_key, held.version):
             return None if watched else self._apply("refresh")
         return self._apply("rotated")
+
+    def _ended(self, status: str) -> int | None:
+        """The key was retired or revoked: act on it (a revoke may be a failover)."""
+        if status == "revoked":
+            _remove(self.options.file)
+            waits = self.options.failover_wait_s > 0
+            if waits and self.options.actions.get("revoked") == "stop" and self._standby_ready():
+                return self._await_failover()
+        return self._apply(status)
+
+    def _standby_ready(self) -> bool:
+        """Whether the revoked key's name has a standby Backpack accepts, or has already
+        switched to it: then the daemon's leader fails over within a check interval."""
+        try:
+            info = self.broker.info(self.options.key)
+        except ServiceError:
+            return False
+        if info.get("status") == "active":
+            return True  # switched already (or reinstated): the next copy serves
+        standby = info.get("next") or {}
+        return (
+            info.get("status") == "revoked"
+            and isinstance(standby, dict)
+            and standby.get("role") == "standby"
+            and standby.get("status") == "ready"
+        )
+
+    def _await_failover(self) -> int | None:
+        """A revoke with a ready standby: stop the child (its key is dead) and start it
+        again on the standby once the name has switched; exit as for a revoke if that
+        does not happen within ``--failover-wait``: the daemon's leader switches within one
+        check interval of the revoke, unless Backpack refuses the standby too."""
+        self._terminate()
+        self.child = None
+        print(  # noqa: T201 - exec's own word on stderr; no key material
+            f"backpack-vault exec: {self.options.key} was revoked and has a ready standby: "
+            f"waiting up to {self.options.failover_wait_s:g} s for the switch",
+            file=sys.stderr,
+        )
+        deadline = time.monotonic() + self.options.failover_wait_s
+        while time.monotonic() < deadline:
+            try:
+                kind, value = self.events.get(timeout=_TICK_S)
+            except queue.Empty:
+                kind, value = "tick", None
+            if kind == "signal" and isinstance(value, int) and value in _STOPPING:
+                return 128 + value  # as if the child had been stopped by it
+            try:
+                fresh = self.keeper.current()
+            except KeyNotUsable as exc:
+                if exc.status == "retired":
+                    return EXIT_KEY_GONE
+                continue  # revoked still: the switch has not reached us yet
+            except ServiceError:
+                continue  # the daemon is away for a moment
+            self._provide(fresh)
+            self._start()
+            return None
+        return EXIT_KEY_GONE
 
     def _apply(self, event: str) -> int | None:
         action = self.options.actions.get(event, "ignore")
