@@ -142,6 +142,24 @@ class TestCopyRoute:
 
 
 class TestSignRoute:
+    def test_an_integer_beyond_64_bits_is_signed_as_the_integer_it_is(
+        self, served: Served, key: KeyPair
+    ) -> None:
+        """JSON integers have no size limit; the body's parser must not turn one into a
+        float (which would be refused as one)."""
+        params = {"symbol": "SOL_USDC", "clientId": 2**64 + 1}
+        stamp = int(time.time() * 1000)
+        answer = served.call(
+            "POST",
+            "/v1/keys/main/bot-a/sign",
+            token=served.root,
+            json={"instruction": "orderCancel", "params": params, "timestamp": stamp},
+        )
+        assert answer.status_code == 200, answer.text
+        message = signing_string("orderCancel", params, stamp, 5000)
+        assert "clientId=18446744073709551617" in message
+        assert verify(key.api_key, message, answer.json()["headers"]["X-Signature"])
+
     def test_sign_returns_headers_that_verify(self, served: Served, key: KeyPair) -> None:
         """POST .../sign returns the four headers for the exact request."""
         params = {"symbol": "SOL_USDC", "orderId": "28"}

@@ -177,6 +177,22 @@ class TestFetching:
         assert len(spent) == 1
         assert (desk.count("/copy"), desk.count("")) == (2, 1)
 
+    def test_recheck_asks_the_daemon_what_the_watch_would_have_said(
+        self, desk: Desk, vault: Vault
+    ) -> None:
+        """With no watch: a revoke learned by asking cuts the key off; asked again after
+        a reinstatement, the key is usable again."""
+        pair = store_key(vault, REF)
+        keeper = CopyKeeper(desk.broker(), REF, watch=False)
+        assert keeper.current().api_key == pair.api_key
+        vault.set_status(REF, Status.REVOKED, now=now_iso(), reason="leaked")
+        assert keeper.recheck() == "revoked"
+        with pytest.raises(KeyRevoked):
+            keeper.current()
+        vault.set_status(REF, Status.ACTIVE, now=now_iso(), reason="reinstated")
+        assert keeper.recheck() is None
+        assert keeper.current().api_key == pair.api_key
+
     def test_a_copy_that_never_unwraps_is_copy_unavailable_after_one_more_try(
         self, desk: Desk, vault: Vault
     ) -> None:

@@ -393,6 +393,21 @@ class TestProtocol:
             pool.request("POST", "/v1/keys/main/b/sign", b"{}", "t")
         assert len(script.received) == 1
 
+    def test_an_interim_answer_is_skipped_and_bytes_after_the_answer_close_it(
+        self, scripted: Callable[[Script], Pool]
+    ) -> None:
+        """A 100 Continue before the answer is not the answer; an answer followed by more
+        bytes is read, and its connection is not reused (the bytes belong to nobody)."""
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b'{"a":1}')
+        trailing = ok(b'{"b":2}') + ok(b'{"c":3}')
+        script = Script([interim, trailing, ok(b'{"d":4}')], {2})
+        pool = scripted(script)
+        assert pool.request("POST", "/", b"{}", "t")[::2] == (200, b'{"a":1}')
+        assert pool.request("POST", "/", b"{}", "t")[::2] == (200, b'{"b":2}')
+        assert pool._idle == []
+        assert pool.request("POST", "/", b"{}", "t")[::2] == (200, b'{"d":4}')
+        assert pool.connections == 2
+
     def test_a_token_that_is_not_ascii_is_never_sent(
         self, scripted: Callable[[Script], Pool]
     ) -> None:

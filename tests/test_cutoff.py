@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from backpack_vault.daemon import Daemon
 from backpack_vault.daemon.feed import FeedPoller
 from backpack_vault.daemon.serving import ServerThread
 from backpack_vault.dev.vault import DevVault
+from backpack_vault.errors import VaultUnavailable
 from backpack_vault.events import Cause, Event, KeyStatusChanged
 from backpack_vault.testing import now_iso, rotate_now, store_key, wait_until
 from backpack_vault.testing.sandbox import SandboxAdmin
@@ -226,6 +228,41 @@ class TestFeedPoller:
         applied = order.index("emit KeyRotated main/bot-a")
         assert order.index("notify rotated main/bot-a") > applied
         assert "emit KeyStatusChanged main/bot-b" in order
+
+    def test_a_switch_not_applied_is_not_told_until_it_is(self, vault: Vault) -> None:
+        """Vault fails the record read of a rotated key: the streams hear nothing of the
+        switch yet; the next poll applies it and tells it, once."""
+        store_key(vault, REF)
+        failing = {"read_record": 0}
+
+        class Flaky:
+            def __getattr__(self, name: str) -> Any:
+                method = getattr(vault, name)
+                if failing.get(name):
+                    failing[name] -= 1
+
+                    def fail(*_args: object, **_kwargs: object) -> None:
+                        raise VaultUnavailable("Vault is sealed")
+
+                    return fail
+                return method
+
+        told: list[str] = []
+        emitted: list[str] = []
+        poller = FeedPoller(
+            Flaky(),  # type: ignore[arg-type]
+            emit=lambda event: emitted.append(type(event).__name__),
+            notify=lambda changes: told.extend(c.name for c in changes),
+        )
+        poller.poll()
+        rotate_now(vault, REF)
+        failing["read_record"] = 1
+        poller.poll()
+        assert (told, emitted) == ([], [])
+        poller.poll()
+        assert (told, emitted) == (["rotated"], ["KeyRotated"])
+        poller.poll()
+        assert told == ["rotated"]
 
     def test_a_deleted_key_is_retired_with_cause_deleted(self, vault: Vault) -> None:
         store_key(vault, REF)

@@ -95,6 +95,7 @@ MAX_BODY_DEPTH: Final = 32
 MAX_REASON_CHARS: Final = 200
 _REFILL_JOIN_S: Final = 5.0  # at shutdown, a wrap in flight finishes (Vault's timeout bounds it)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+_LONG_DIGITS: Final = re.compile(rb"\d{19}")  # as long as 2**63: orjson would make it a float
 # Outcomes after which the broker has seen the key in Vault: only these name the key in a
 # metric label, so requests for made-up names cannot grow the series.
 _KEY_SEEN: Final = frozenset({"ok", KeyNotUsable.code, ReadOnlyKey.code})
@@ -216,14 +217,11 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if _nesting(body, MAX_BODY_DEPTH):
         raise InvalidInput(f"request body nests deeper than {MAX_BODY_DEPTH} levels")
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        # What orjson refuses and json reads (an integer beyond 64 bits) gets the answer it
-        # always got, a check of that field's own; nonsense is refused by both.
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise InvalidInput("request body is not valid JSON") from None
+        # orjson reads an integer beyond 64 bits as a float: such a body goes to json,
+        # which keeps it an integer (and a field's own check then speaks of it).
+        data = json.loads(body) if _LONG_DIGITS.search(body) else orjson.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # orjson's error is a ValueError
+        raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
     return data

@@ -179,6 +179,14 @@ def _is_news(previous: Status | None, status: Status) -> bool:
     return previous is not status and (previous is not None or status.final)
 
 
+@dataclass(slots=True)
+class _Flight:
+    """One question to Vault that several requests wait for."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict[str, frozenset[str]] | None = None
+
+
 class _Grants:
     """What Vault grants each worker token on grant paths, cached by keyed token hash."""
 
@@ -191,7 +199,7 @@ class _Grants:
         self._digest = self._digest_of  # one bound method: Secret.derived knows it again
         self._lock = threading.Lock()
         self.decisions: TTLCache[tuple[str, str], frozenset[str]] = TTLCache()
-        self._flights: dict[tuple[str, tuple[str, ...]], threading.Event] = {}
+        self._flights: dict[tuple[str, tuple[str, ...]], _Flight] = {}
         self.identities: TTLCache[str, str] = TTLCache()
 
     def path(self, ref: KeyRef, grant: str) -> str:
@@ -243,20 +251,18 @@ class _Grants:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
-                flight = self._flights[key] = threading.Event()
+                flight = self._flights[key] = _Flight()
         if leader:
             try:
-                return self._ask_vault(token, digest, paths)
+                flight.answer = self._ask_vault(token, digest, paths)
+                return flight.answer
             finally:
                 with self._lock:
                     del self._flights[key]
-                flight.set()
-        flight.wait(_FLIGHT_WAIT_S)
-        now = self._clock()
-        with self._lock:
-            decided = {p: self.decisions.get((digest, p), now=now) for p in paths}
-        if all(caps is not None for caps in decided.values()):
-            return {p: caps for p, caps in decided.items() if caps is not None}
+                flight.done.set()
+        flight.done.wait(_FLIGHT_WAIT_S)
+        if flight.answer is not None:
+            return flight.answer
         return self._ask_vault(token, digest, paths)  # the one asked failed: its error was its own
 
     def _ask_vault(self, token: Secret, digest: str, paths: list[str]) -> dict[str, frozenset[str]]:

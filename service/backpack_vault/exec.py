@@ -68,6 +68,7 @@ _WITHHELD: Final = (
 _FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _TICK_S: Final = 0.5
 _STOPPING: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+_ASK_EVERY_S: Final = 2.0  # waiting for a failover: how often the daemon is asked directly
 
 
 def parse_on_change(values: Sequence[str], *, file_sink: bool = False) -> dict[str, str]:
@@ -311,6 +312,7 @@ class _Runner:
             file=sys.stderr,
         )
         deadline = time.monotonic() + self.options.failover_wait_s
+        ask_at = time.monotonic() + _ASK_EVERY_S
         while time.monotonic() < deadline:
             try:
                 kind, value = self.events.get(timeout=_TICK_S)
@@ -323,11 +325,20 @@ class _Runner:
             except KeyNotUsable as exc:
                 if exc.status == "retired":
                     return EXIT_KEY_GONE
+                if time.monotonic() >= ask_at:  # the watch may be away: ask, now and then
+                    ask_at = time.monotonic() + _ASK_EVERY_S
+                    with contextlib.suppress(ServiceError):
+                        self.keeper.recheck()
                 continue  # revoked still: the switch has not reached us yet
             except ServiceError:
                 continue  # the daemon is away for a moment
             self._provide(fresh)
-            self._start()
+            try:
+                self._start()
+            except FileNotFoundError:
+                return self._cannot_start("not found", 127)
+            except PermissionError:
+                return self._cannot_start("cannot run", 126)
             return None
         return EXIT_KEY_GONE
 

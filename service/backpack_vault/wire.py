@@ -22,8 +22,10 @@ otherwise); streams (the watch) and everything else stay with httpx and hvac.
 
 Connections idle for longer than ``IDLE_S`` (under uvicorn's 5 s keep-alive), or
 found readable while idle (the server closed them), are dropped before use. A
-reused connection that fails before any byte of an answer arrives is replaced
-once, as a browser or httpcore would: the server did not answer that request.
+reused connection that fails before any byte of an answer arrives is dropped and
+the request sent on the next one (a fresh one at the latest), as a browser or
+httpcore would: the server did not answer it. An interim answer (``100
+Continue``) is skipped; bytes after the answer close the connection.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ import httptools
 __all__ = ["IDLE_S", "Pool", "WireError", "WireTimeout"]
 
 IDLE_S: Final = 3.0  # uvicorn closes a connection idle for 5 s; Go's servers after longer
-_KEEP: Final = 8  # idle connections kept per pool
+_KEEP: Final = 8  # idle connections kept per pool, by default
 _READ: Final = 65536  # bytes asked of the socket at once; an answer is well under 1 KiB
 _WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 # What a kept connection the server closed meanwhile looks like on the next request.
 _STALE: Final = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_INTERIM_MIN, _INTERIM_MAX, _SWITCHING = 100, 200, 101
 
 
 class WireError(OSError):
@@ -75,20 +78,36 @@ class _Answer:
     keep: bool = False  # llhttp says so only while it parses this answer: noted then
     headers_done: bool = False
     complete: bool = False
+    extra: bool = False  # bytes after the answer: the connection is not reused
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None  # set right after the parser is made
+        if self.complete:
+            return
         self.status = self.parser.get_status_code()
         self.keep = self.parser.should_keep_alive()
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        if not self.complete:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return
+        if _INTERIM_MIN <= self.status < _INTERIM_MAX and self.status != _SWITCHING:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self.headers, self.body, self.status, self.headers_done = {}, [], 0, False
+            return
         self.complete = True
 
     def ends_at_close(self) -> bool:
@@ -123,8 +142,10 @@ class Pool:
         timeout: float,
         tls: ssl.SSLContext | None,
         user_agent: str = "backpack-vault",
+        keep: int = _KEEP,
     ) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self._keep = keep
         self._tls = tls if scheme == "https" else None
         if scheme == "https" and tls is None:
             self._tls = ssl.create_default_context()
@@ -139,7 +160,13 @@ class Pool:
 
     @classmethod
     def for_url(
-        cls, url: str, *, timeout: float, tls: ssl.SSLContext | None, proxies: bool = True
+        cls,
+        url: str,
+        *,
+        timeout: float,
+        tls: ssl.SSLContext | None,
+        proxies: bool = True,
+        keep: int = _KEEP,
     ) -> Pool | None:
         """A pool for the server at ``url``; None when something else should carry the
         calls: a proxy applies (as httpx and requests read the environment; ``proxies=False``
@@ -154,8 +181,11 @@ class Pool:
             wanted = found.get(parts.scheme) or found.get("all")
             if wanted and not urllib.request.proxy_bypass(parts.hostname):
                 return None
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, timeout=timeout, tls=tls)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:  # a port out of range: httpx (or hvac) says so in its own words
+            return None
+        return cls(parts.scheme, parts.hostname, port, timeout=timeout, tls=tls, keep=keep)
 
     def close(self) -> None:
         with self._lock:
@@ -196,6 +226,9 @@ class Pool:
             except (OSError, httptools.HttpParserError, ValueError) as exc:
                 conn.close()
                 raise WireError(f"{type(exc).__name__}: {exc}") from None
+            except BaseException:  # KeyboardInterrupt mid-answer: the socket goes too
+                conn.close()
+                raise
             if keep:
                 self._checkin(conn)
             else:
@@ -246,7 +279,7 @@ class Pool:
     def _checkin(self, conn: _Conn) -> None:
         conn.used_at = time.monotonic()
         with self._lock:
-            if not self._closed and len(self._idle) < _KEEP:
+            if not self._closed and len(self._idle) < self._keep:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -256,15 +289,21 @@ class Pool:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except TimeoutError:
             raise WireTimeout("the server did not accept a connection in time") from None
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA refuses
             raise WireError(f"{type(exc).__name__}: {exc}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
-        except (OSError, ssl.SSLError) as exc:
+        except TimeoutError:
+            sock.close()
+            raise WireTimeout("the server did not finish the TLS handshake in time") from None
+        except (OSError, ssl.SSLError, UnicodeError) as exc:
             sock.close()
             raise WireError(f"{type(exc).__name__}: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
         with self._lock:
             self.connections += 1
         return _Conn(sock, time.monotonic())
@@ -290,12 +329,16 @@ def _read(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
             raise WireError("the server closed the connection in the middle of an answer")
         received = True
         parser.feed_data(data)
-    return answer.status, answer.headers, b"".join(answer.body), answer.keep
+    return answer.status, answer.headers, b"".join(answer.body), answer.keep and not answer.extra
 
 
 def _readable(sock: socket.socket) -> bool:
     """An idle connection with something to read has been closed by the server."""
     try:
+        if hasattr(select, "poll"):  # select() cannot see a descriptor above 1023
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
         readable, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):
         return True

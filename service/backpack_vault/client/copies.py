@@ -319,6 +319,16 @@ class CopyKeeper:
         flow = self.state.verdict(confirm_s, monotonic, lambda: self.watching, signer)
         return self._drive(flow)
 
+    def recheck(self) -> str | None:
+        """Ask the daemon for the key's status now, as the watch would have told it: a
+        final status cuts the key off (and is returned); an active one (a reinstatement,
+        a switch to another key) lifts a cut-off. For when the watch may be away."""
+        info = self.broker.info(self.key)
+        with self._lock:
+            found = self.state.on_info(info)
+            self._changed.notify_all()
+        return found
+
     def close(self) -> None:
         """Stop watching (the watcher thread ends) and forget the copy."""
         with self._lock:

@@ -106,13 +106,13 @@ class FeedPoller:
             if switch:
                 self._notified = fresh[switch - 1].seq
                 self._notify(fresh[:switch])
-            applied = self._apply(changes)
+            if not self._apply(changes):
+                return  # the rest is told once it is applied: the next poll reads it again
             if fresh[switch:]:
                 self._notified = fresh[-1].seq
                 self._notify(fresh[switch:])
-            if applied:
-                self._seq = changes[-1].seq
-                self._recovered()
+            self._seq = changes[-1].seq
+            self._recovered()
 
     def _follow(self, seq: int) -> None:
         self._seq = self._notified = seq

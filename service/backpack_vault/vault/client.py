@@ -57,7 +57,7 @@ log = get_logger("backpack_vault.vault")
 
 _FEED_WRITE_ATTEMPTS: Final = 8
 _MAX_META_VALUE: Final = 512  # Vault's limit on one custom_metadata value
-_POOL_SIZE: Final = 40  # kept connections to Vault: the API thread pool's size
+_POOL_SIZE: Final = 40  # kept connections to Vault (each path): the API thread pool's size
 
 __all__ = ["Capabilities", "Provisioner", "TokenInfo", "Vault", "WrapInfo"]
 
@@ -735,7 +735,9 @@ class _Direct:
         tls = None
         if settings.addr.startswith("https:"):
             tls = ssl.create_default_context(cafile=settings.cacert or None)
-        pool = Pool.for_url(settings.addr, timeout=settings.timeout, tls=tls, proxies=False)
+        pool = Pool.for_url(
+            settings.addr, timeout=settings.timeout, tls=tls, proxies=False, keep=_POOL_SIZE
+        )
         return None if pool is None else cls(pool, settings)
 
     def close(self) -> None:
