@@ -7,13 +7,20 @@ a developer's own token.
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from backpack_vault.config import Secret, VaultSettings
 from backpack_vault.dev.vault import DevVault
@@ -30,6 +37,47 @@ def dev_vault() -> Iterator[DevVault]:
     """A real OpenBao dev server on a random loopback port, stopped by PID at the end."""
     with DevVault() as server:
         yield server
+
+
+SelfSigned = Callable[..., tuple[Path, Path]]
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> SelfSigned:
+    """``self_signed(name, serial=None)``: a self-signed certificate for 127.0.0.1 (its own
+    CA, so it also stands in for a cluster's CA) and its key, as PEM files in tmp_path."""
+
+    def make(name: str, serial: int | None = None) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number() if serial is None else serial)
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        cert_file, key_file = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return cert_file, key_file
+
+    return make
 
 
 @pytest.fixture

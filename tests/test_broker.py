@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import http.server
 import threading
 import time
 import uuid
@@ -345,6 +346,42 @@ class TestCopies:
                 assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
         finally:
             service.close()
+
+    def test_a_wrap_redirected_by_a_standby_node_is_followed(
+        self, vault_settings: VaultSettings, dev_vault: DevVault
+    ) -> None:
+        """A standby Vault node answers 307 to the active one: the kept-connection path
+        hands the wrap to hvac, which follows the redirect."""
+        seen: list[str] = []
+
+        class Standby(http.server.BaseHTTPRequestHandler):
+            def _redirect(self) -> None:
+                seen.append(f"{self.command} {self.path}")
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                self.send_response(307)
+                self.send_header("Location", f"{dev_vault.addr}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_PUT = _redirect  # noqa: N815 - http.server's names
+
+            def log_message(self, *_args: object) -> None:
+                return
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            addr = f"http://127.0.0.1:{server.server_address[1]}"
+            service = Vault.for_service(dataclasses.replace(vault_settings, addr=addr))
+            service.login()
+            info = service.wrap({"x": "1"}, ttl=60)
+            service.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert seen.count("POST /v1/sys/wrapping/wrap") == 2  # tried direct, then by hvac
+        assert unwrap(dev_vault.addr, info.token).json()["data"] == {"x": "1"}
 
     def test_a_refused_wrap_is_the_same_error_on_either_path(
         self, vault_settings: VaultSettings

@@ -9,8 +9,6 @@ the protocol corners (a connection the server closed while idle, chunked answers
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import socket
 import socketserver
 import threading
@@ -22,10 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from backpack_vault.backpack.signing import signing_string, verify
 from backpack_vault.client.broker import BrokerClient
@@ -47,6 +41,8 @@ from backpack_vault.errors import (
 from backpack_vault.testing import store_key
 from backpack_vault.vault.client import Provisioner, Vault
 from backpack_vault.wire import Pool, WireError, WireTimeout
+
+SelfSigned = Callable[..., tuple[Path, Path]]  # the conftest fixture self_signed
 
 REF = KeyRef("main", "bot-a")
 ORDER = {"symbol": "SOL_USDC", "side": "Bid", "orderType": "Limit", "price": "1", "quantity": "1"}
@@ -199,45 +195,17 @@ class TestLeanPath:
         assert (found is not None) is pool
 
 
-def _pair(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "daemon")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "daemon.crt", directory / "daemon.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 class TestTLS:
     def test_the_daemon_over_https_with_its_ca(
-        self, tmp_path: Path, vault: Vault, vault_settings: VaultSettings, dev_vault: DevVault
+        self,
+        vault: Vault,
+        vault_settings: VaultSettings,
+        dev_vault: DevVault,
+        self_signed: SelfSigned,
     ) -> None:
         """The CA bundle verifies the daemon; without it the call is refused, as httpx would."""
         pair = store_key(vault, REF)
-        cert, key = _pair(tmp_path)
+        cert, key = self_signed("daemon")
         reports: list[tuple[str, str]] = []
         with (
             _daemon(vault, vault_settings, reports) as daemon,

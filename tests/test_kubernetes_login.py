@@ -12,18 +12,13 @@ worker's login (``BACKPACK_VAULT_WORKER_AUTH=kubernetes``), grants, a signature.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hvac
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -39,6 +34,8 @@ from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import NotAuthenticated, VaultDenied
 from backpack_vault.testing import store_key
 from backpack_vault.vault.client import Vault
+
+SelfSigned = Callable[..., tuple[Path, Path]]  # the conftest fixture self_signed
 
 REF = KeyRef("trading", "bot-a")
 MOUNT = "k8s-test"  # its own auth mount: other tests' setups never meet it
@@ -59,23 +56,6 @@ def service_account_jwt(namespace: str, name: str) -> str:
         "kubernetes.io/serviceaccount/service-account.uid": f"uid-{name}",
     }
     return f"{_b64({'alg': 'RS256', 'typ': 'JWT'})}.{_b64(claims)}.c2lnbmF0dXJl"
-
-
-def _ca_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 @dataclass
@@ -113,7 +93,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(dev_vault: DevVault, vault_settings: VaultSettings) -> Iterator[Cluster]:
+def cluster(
+    dev_vault: DevVault, vault_settings: VaultSettings, self_signed: SelfSigned
+) -> Iterator[Cluster]:
     """The auth mount configured against the stand-in API server, with two roles: the
     daemon's (its policy) and a worker's (root-equivalent grants are not needed: a
     worker policy for one key's copies and signatures)."""
@@ -132,7 +114,7 @@ def cluster(dev_vault: DevVault, vault_settings: VaultSettings) -> Iterator[Clus
         admin.write(
             f"auth/{MOUNT}/config",
             kubernetes_host=api.url,
-            kubernetes_ca_cert=_ca_pem(),
+            kubernetes_ca_cert=self_signed("kubernetes")[0].read_text(),
             token_reviewer_jwt=reviewer,
             disable_local_ca_jwt=True,
         )

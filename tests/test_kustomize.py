@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime as dt
 import json
 import os
 import re
@@ -33,6 +32,8 @@ import yaml
 from backpack_vault.config import FIELDS, load
 from backpack_vault.dev.vault import bao_binary, free_port
 from backpack_vault.testing import wait_until
+
+SelfSigned = Callable[..., tuple[Path, Path]]  # the conftest fixture self_signed
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
@@ -613,7 +614,9 @@ class RealBao:
 
 @pytest.mark.slow
 class TestDevAgainstARealOpenBao:
-    def test_dev_server_hook_and_setup_job_make_the_roles_the_pods_use(self) -> None:
+    def test_dev_server_hook_and_setup_job_make_the_roles_the_pods_use(
+        self, self_signed: SelfSigned
+    ) -> None:
         """The dev OpenBao command and its postStart hook, then the setup job's command line,
         run for real: Kubernetes auth is configured and the roles bind the overlay's service
         accounts in its namespace to their policies. A second setup run succeeds too."""
@@ -631,7 +634,7 @@ class TestDevAgainstARealOpenBao:
             host = "kubernetes_host=https://kubernetes.default.svc:443"
             assert host in script
             ca = work / "cluster-ca.pem"
-            ca.write_bytes(self_signed_ca())
+            ca.write_bytes(self_signed("test cluster CA")[0].read_bytes())
             script = script.replace(host, f"{host} kubernetes_ca_cert=@{ca}")
             for _ in range(2):  # a restarted container runs it again
                 result = subprocess.run(
@@ -678,29 +681,6 @@ class TestDevAgainstARealOpenBao:
         assert worker_role["bound_service_account_names"] == ["backpack-worker-demo"]
         assert worker_role["bound_service_account_namespaces"] == [namespace]
         assert worker_role["token_policies"] == ["backpack-worker-demo"]
-
-
-def self_signed_ca() -> bytes:
-    """A throwaway CA certificate (PEM), standing in for the cluster's."""
-    from cryptography import x509  # noqa: PLC0415 - only this test needs it
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test cluster CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _answers(url: str) -> bool:

@@ -125,6 +125,21 @@ def running(
             broker.close()
 
 
+def with_ready_standby(
+    vault: Vault, vault_settings: VaultSettings, sandbox: SandboxAdmin
+) -> tuple[KeyPair, dict[str, str], str]:
+    """A key at the sandbox with a generated standby Backpack accepts (``ready``): the
+    key's pair, the CLI's environment and the standby's API key."""
+    pair = stored_in_sandbox(vault, sandbox)
+    env = cli_env(vault_settings, sandbox)
+    made = run_cli(env, "keys", "generate", str(REF), "--standby")
+    assert made.exit_code == 0, made.output
+    standby = made.stdout.strip()
+    sandbox.register(standby)
+    wait_until(lambda: _next_state(vault) == "ready", timeout=BOUND)
+    return pair, env, standby
+
+
 def stored_in_sandbox(vault: Vault, sandbox: SandboxAdmin, **options: object) -> KeyPair:
     pair = store_key(vault, REF, exchange=sandbox.url, **options)  # type: ignore[arg-type]
     sandbox.register(pair.api_key)
@@ -498,13 +513,7 @@ class TestDrills:
         sandbox: SandboxAdmin,
         running: Running,
     ) -> None:
-        pair = stored_in_sandbox(vault, sandbox)
-        env = cli_env(vault_settings, sandbox)
-        made = run_cli(env, "keys", "generate", str(REF), "--standby")
-        assert made.exit_code == 0, made.output
-        standby = made.stdout.strip()
-        sandbox.register(standby)
-        wait_until(lambda: _next_state(vault) == "ready", timeout=BOUND)
+        pair, env, standby = with_ready_standby(vault, vault_settings, sandbox)
         revoked = run_cli(env, "keys", "revoke", str(REF), "--reason", "leaked")
         assert revoked.exit_code == 0, revoked.output
         wait_until(lambda: vault.read_record(REF).api_key == standby, timeout=BOUND)
@@ -525,13 +534,7 @@ class TestDrills:
     ) -> None:
         """A revoke with a ready standby: exec stops the bot at once and, once the leader
         has switched the name, starts it on the standby, where it used to exit 6."""
-        pair = stored_in_sandbox(vault, sandbox)
-        env = cli_env(vault_settings, sandbox)
-        made = run_cli(env, "keys", "generate", str(REF), "--standby")
-        assert made.exit_code == 0, made.output
-        standby = made.stdout.strip()
-        sandbox.register(standby)
-        wait_until(lambda: _next_state(vault) == "ready", timeout=BOUND)
+        pair, env, standby = with_ready_standby(vault, vault_settings, sandbox)
         bot, out = _exec_bot(tmp_path, running.url, dev_vault)
         try:
             wait_until(lambda: _bot_lines(out) == [f"start {pair.api_key}"], BOUND, "the bot")
@@ -557,12 +560,7 @@ class TestDrills:
     ) -> None:
         """The standby Backpack no longer accepts never takes over: the bot stops at the
         revoke and exec exits 6 (at the latest after --failover-wait)."""
-        pair = stored_in_sandbox(vault, sandbox)
-        env = cli_env(vault_settings, sandbox)
-        made = run_cli(env, "keys", "generate", str(REF), "--standby")
-        standby = made.stdout.strip()
-        sandbox.register(standby)
-        wait_until(lambda: _next_state(vault) == "ready", timeout=BOUND)
+        pair, env, standby = with_ready_standby(vault, vault_settings, sandbox)
         bot, out = _exec_bot(tmp_path, running.url, dev_vault, "--failover-wait", "3")
         try:
             wait_until(lambda: _bot_lines(out) == [f"start {pair.api_key}"], BOUND, "the bot")

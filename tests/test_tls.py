@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -28,37 +24,7 @@ from backpack_vault.dev.vault import DevVault
 from backpack_vault.errors import ConfigError
 from backpack_vault.testing import wait_until
 
-
-def _pair(directory: Path, name: str, serial: int) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+SelfSigned = Callable[..., tuple[Path, Path]]  # the conftest fixture self_signed
 
 
 def _trust(cert: Path) -> ssl.SSLContext:
@@ -87,9 +53,9 @@ def _app() -> Starlette:
 
 
 class TestTLS:
-    def test_https_is_served_with_the_configured_pair(self, tmp_path: Path) -> None:
+    def test_https_is_served_with_the_configured_pair(self, self_signed: SelfSigned) -> None:
         """A client that trusts the certificate gets an answer; one that doesn't is refused."""
-        cert, key = _pair(tmp_path, "one", 1)
+        cert, key = self_signed("one", 1)
         with ServerThread(_app(), tls=ReloadableTLS(str(cert), str(key))) as server:
             assert server.url.startswith("https://")
             assert httpx.get(server.url, verify=_trust(cert)).text == "hello"
@@ -97,11 +63,11 @@ class TestTLS:
                 httpx.get(server.url)
 
     def test_a_reload_swaps_the_certificate_and_keeps_open_connections(
-        self, tmp_path: Path
+        self, tmp_path: Path, self_signed: SelfSigned
     ) -> None:
         """New handshakes see the new certificate; a kept-alive connection goes on working."""
-        one_cert, one_key = _pair(tmp_path, "one", 1)
-        two_cert, two_key = _pair(tmp_path, "two", 2)
+        one_cert, one_key = self_signed("one", 1)
+        two_cert, two_key = self_signed("two", 2)
         served = tmp_path / "served.crt", tmp_path / "served.key"
         served[0].write_bytes(one_cert.read_bytes())
         served[1].write_bytes(one_key.read_bytes())
@@ -116,9 +82,9 @@ class TestTLS:
             assert kept.get(server.url).text == "hello"  # the open connection was not dropped
             assert httpx.get(server.url, verify=_trust(two_cert)).text == "hello"
 
-    def test_a_bad_reload_keeps_the_old_certificate(self, tmp_path: Path) -> None:
+    def test_a_bad_reload_keeps_the_old_certificate(self, self_signed: SelfSigned) -> None:
         """A half-written file is refused with a clear error, and serving goes on."""
-        cert, key = _pair(tmp_path, "one", 1)
+        cert, key = self_signed("one", 1)
         tls = ReloadableTLS(str(cert), str(key))
         with ServerThread(_app(), tls=tls) as server:
             cert.write_text("-----BEGIN CERTIFICATE-----\ntrunc")
@@ -136,11 +102,11 @@ class TestTLS:
 
 class TestDaemonTLS:
     def test_serve_answers_https_and_reloads_on_sighup(
-        self, tmp_path: Path, dev_vault: DevVault, kv_prefix: str
+        self, tmp_path: Path, dev_vault: DevVault, kv_prefix: str, self_signed: SelfSigned
     ) -> None:
         """`serve` with BACKPACK_VAULT_TLS_CERT/KEY answers HTTPS; SIGHUP swaps the pair."""
-        one_cert, one_key = _pair(tmp_path, "one", 1)
-        two_cert, two_key = _pair(tmp_path, "two", 2)
+        one_cert, one_key = self_signed("one", 1)
+        two_cert, two_key = self_signed("two", 2)
         cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
         cert.write_bytes(one_cert.read_bytes())
         key.write_bytes(one_key.read_bytes())

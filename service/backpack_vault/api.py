@@ -333,7 +333,7 @@ class _Api:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         yield
-        self.refills.close()
+        await run_in_threadpool(self.refills.close)  # a wrap in flight ends off the loop
 
     # -- the shared request path ----------------------------------------------------------
 

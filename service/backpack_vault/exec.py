@@ -215,12 +215,9 @@ class _Runner:
     def run(self) -> int:
         try:
             self._provide(self.keeper.current())
-            try:
-                self._start()
-            except FileNotFoundError:
-                return self._cannot_start("not found", 127)
-            except PermissionError:
-                return self._cannot_start("cannot run", 126)
+            code = self._start_or_code()
+            if code is not None:
+                return code
             with _forwarding(self.events):
                 return self._loop()
         finally:
@@ -229,7 +226,16 @@ class _Runner:
             self.keeper.close()
             self.broker.close()
 
-    def _cannot_start(self, why: str, code: int) -> int:
+    def _start_or_code(self) -> int | None:
+        """Start CMD; exec's exit code when it cannot be run (126, 127), else None."""
+        try:
+            self._start()
+        except FileNotFoundError:
+            why, code = "not found", 127
+        except PermissionError:
+            why, code = "cannot run", 126
+        else:
+            return None
         print(f"backpack-vault exec: {self.options.command[0]}: {why}", file=sys.stderr)  # noqa: T201
         return code
 
@@ -333,13 +339,7 @@ class _Runner:
             except ServiceError:
                 continue  # the daemon is away for a moment
             self._provide(fresh)
-            try:
-                self._start()
-            except FileNotFoundError:
-                return self._cannot_start("not found", 127)
-            except PermissionError:
-                return self._cannot_start("cannot run", 126)
-            return None
+            return self._start_or_code()
         return EXIT_KEY_GONE
 
     def _apply(self, event: str) -> int | None:
@@ -350,8 +350,8 @@ class _Runner:
             return EXIT_KEY_GONE if final else 0
         if action == "restart" and not final:
             self._terminate()
-            self._start()
-        elif action.startswith("signal:"):
+            return self._start_or_code()  # CMD removed meanwhile: 127, as at the start
+        if action.startswith("signal:"):
             signum = _signal(action.removeprefix("signal:"))
             if self.child is not None and signum is not None and self.child.poll() is None:
                 self.child.send_signal(signum)

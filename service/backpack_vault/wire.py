@@ -39,7 +39,7 @@ import time
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
 import httptools
@@ -217,18 +217,9 @@ class Pool:
                 if isinstance(exc, _NoAnswer):
                     raise WireError("the server closed the connection without answering") from None
                 raise WireError(f"{type(exc).__name__}: {exc}") from None
-            except WireError:
-                conn.close()
-                raise
-            except TimeoutError:
-                conn.close()
-                raise WireTimeout("the server did not answer in time") from None
-            except (OSError, httptools.HttpParserError, ValueError) as exc:
-                conn.close()
-                raise WireError(f"{type(exc).__name__}: {exc}") from None
-            except BaseException:  # KeyboardInterrupt mid-answer: the socket goes too
-                conn.close()
-                raise
+            except BaseException as exc:  # noqa: BLE001 - raised again, as a WireError or itself
+                conn.close()  # an interrupt mid-answer too: the socket goes
+                _raise_as_wire(exc, "the server did not answer in time")
             if keep:
                 self._checkin(conn)
             else:
@@ -287,26 +278,31 @@ class Pool:
     def _connect(self) -> _Conn:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except TimeoutError:
-            raise WireTimeout("the server did not accept a connection in time") from None
-        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA refuses
-            raise WireError(f"{type(exc).__name__}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            _raise_as_wire(exc, "the server did not accept a connection in time")
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
-        except TimeoutError:
+        except BaseException as exc:  # noqa: BLE001 - raised again, as a WireError or itself
             sock.close()
-            raise WireTimeout("the server did not finish the TLS handshake in time") from None
-        except (OSError, ssl.SSLError, UnicodeError) as exc:
-            sock.close()
-            raise WireError(f"{type(exc).__name__}: {exc}") from None
-        except BaseException:
-            sock.close()
-            raise
+            _raise_as_wire(exc, "the server did not finish the TLS handshake in time")
         with self._lock:
             self.connections += 1
         return _Conn(sock, time.monotonic())
+
+
+def _raise_as_wire(exc: BaseException, timed_out: str) -> NoReturn:
+    """Raise a failure on the wire as callers know it: WireTimeout (``timed_out``), or
+    WireError naming what failed (an OSError, ssl's errors among them; a ValueError, an
+    IDNA refusal among them; the parser's), or anything else (an interrupt) as it is."""
+    if isinstance(exc, WireError):
+        raise exc
+    if isinstance(exc, TimeoutError):
+        raise WireTimeout(timed_out) from None
+    if isinstance(exc, OSError | ValueError | httptools.HttpParserError):
+        raise WireError(f"{type(exc).__name__}: {exc}") from None
+    raise exc
 
 
 def _read(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:

@@ -287,8 +287,8 @@ class BrokerClient:
                 status, _headers, content = pool.request(
                     "POST", "/v1/sys/wrapping/unwrap", None, wrap_token.reveal()
                 )
-            except WireError as exc:
-                raise BrokerUnavailable(f"{unreachable_vault}: {type(exc).__name__}") from None
+            except WireError as exc:  # its text names what failed (never the token)
+                raise BrokerUnavailable(f"{unreachable_vault}: {exc}") from None
             return unwrapped(ref, status, content)
         try:
             response = self._http.post(
