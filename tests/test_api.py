@@ -22,7 +22,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from backpack_vault.api import _Refills, create_app
+from backpack_vault.api import _Api, _Refills, create_app
 from backpack_vault.backpack.signing import signing_string, verify
 from backpack_vault.broker import COPY, Broker
 from backpack_vault.config import BrokerSettings, Secret, VaultSettings
@@ -34,6 +34,8 @@ from backpack_vault.events import Cause, KeyStatusChanged
 from backpack_vault.metrics import Metrics
 from backpack_vault.testing import NOW, FakeClock, store_key, wait_until
 from backpack_vault.vault.client import Provisioner, Vault
+
+ORDER = {"symbol": "SOL_USDC", "side": "Bid", "orderType": "Limit", "price": "1", "quantity": "1"}
 
 
 @dataclass
@@ -542,6 +544,115 @@ class TestProbes:
         assert "backpack_vault_wrapping_tokens_outstanding 1.0" in text
         assert 'backpack_vault_api_request_seconds_count{route="copy"} 2.0' in text
         assert "made-up" not in text
+
+
+class TestQuickLane:
+    """A copy or signature from memory is answered in the HTTP protocol's callback
+    (``daemon/quick.py``), never the ASGI app: the same answer, the same records."""
+
+    @pytest.fixture
+    def lane(self, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+        """Whether each request offered to the lane was answered there (True) or went on to
+        the app (False). Requested before ``served``, so its server's lane is this spy."""
+        answered: list[bool] = []
+        original = _Api.answer_at_once
+
+        def spy(api: _Api, *args: Any) -> Any:
+            answer = original(api, *args)
+            answered.append(answer is not None)
+            return answer
+
+        monkeypatch.setattr(_Api, "answer_at_once", spy)
+        return answered
+
+    def sign(self, served: Served, stamp: int, **extra: Any) -> httpx.Response:
+        return served.call(
+            "POST",
+            "/v1/keys/main/bot-a/sign",
+            token=served.root,
+            json={"instruction": "orderExecute", "params": ORDER, "timestamp": stamp, **extra},
+        )
+
+    def test_a_signature_from_memory_answers_and_is_recorded_as_the_route_does(
+        self, lane: list[bool], served: Served, key: KeyPair
+    ) -> None:
+        stamp = int(time.time() * 1000)
+        with capture_logs() as logs:
+            first, second = self.sign(served, stamp), self.sign(served, stamp)
+        assert lane == [False, True]  # the first asked Vault (the app's way); the second not
+        for answer in (first, second):
+            assert answer.status_code == 200
+            signed = answer.json()["headers"]
+            message = signing_string("orderExecute", ORDER, stamp, 5000)
+            assert verify(key.api_key, message, signed["X-Signature"])
+        assert set(second.headers) == set(first.headers)
+        assert second.headers["content-type"] == first.headers["content-type"]
+        assert second.json() == first.json()  # ed25519 is deterministic
+        handouts = [e for e in logs if e["event"] == "api.handout"]
+        assert [(e["outcome"], e["instruction"], e["key"]) for e in handouts] == [
+            ("ok", "orderExecute", "main/bot-a")
+        ] * 2
+        assert handouts[0]["identity"] == handouts[1]["identity"]
+        text = served.call("GET", "/metrics").text
+        assert (
+            'backpack_vault_signatures_total{instruction="orderExecute",key="main/bot-a",'
+            'outcome="ok"} 2.0'
+        ) in text
+        assert 'backpack_vault_api_requests_total{route="sign",status="200"} 2.0' in text
+        assert 'backpack_vault_api_request_seconds_count{route="sign"} 2.0' in text
+
+    def test_a_copy_from_a_spare_is_answered_at_once_and_the_next_is_wrapped(
+        self, lane: list[bool], served: Served, key: KeyPair
+    ) -> None:
+        """Two copies in quick succession make the key one in demand: from then on each
+        copy is a spare, and the next spare is wrapped after it, off the request path."""
+        ref = KeyRef("main", "bot-a")
+        secrets = []
+        for n in range(4):
+            answer = served.call("POST", "/v1/keys/main/bot-a/copy", token=served.root)
+            assert answer.status_code == 200
+            assert answer.json()["api_key"] == key.api_key
+            secrets.append(served.unwrap(answer.json()["wrap_token"]).json()["data"]["api_secret"])
+            if n:
+                wait_until(lambda: served.broker.answers_from_memory(served.root, ref, COPY))
+        assert secrets == [key.secret.reveal()] * 4
+        assert lane == [False, False, True, True]
+        text = served.call("GET", "/metrics").text
+        assert 'backpack_vault_handouts_total{key="main/bot-a",outcome="ok"} 4.0' in text
+
+    @pytest.mark.usefixtures("key")
+    def test_a_refusal_from_memory_gets_the_apps_error(
+        self, lane: list[bool], served: Served
+    ) -> None:
+        """The lane answers only successes: a refusal it could make goes on to the app,
+        whose error table answers it as ever."""
+        stamp = int(time.time() * 1000)
+        assert self.sign(served, stamp).status_code == 200  # grant and key now in memory
+        far = self.sign(served, stamp - 3_600_000)
+        unknown = self.sign(served, stamp, window=-1)
+        not_json = served.call(
+            "POST", "/v1/keys/main/bot-a/sign", token=served.root, content=b"{nope"
+        )
+        no_token = served.call("POST", "/v1/keys/main/bot-a/sign", json={"instruction": "x"})
+        assert (far.status_code, far.json()["error"]["code"]) == (422, "invalid_input")
+        assert "within 60 s" in far.json()["error"]["message"]
+        assert unknown.status_code == 422
+        assert (not_json.status_code, not_json.json()["error"]["code"]) == (422, "invalid_input")
+        assert no_token.status_code == 401
+        assert lane == [False, False, False, False, False]
+
+    @pytest.mark.usefixtures("key")
+    def test_a_revocation_is_honoured_by_the_next_answer_from_memory(
+        self, lane: list[bool], served: Served, vault: Vault
+    ) -> None:
+        ref = KeyRef("main", "bot-a")
+        stamp = int(time.time() * 1000)
+        assert [self.sign(served, stamp).status_code for _ in range(2)] == [200, 200]
+        assert lane == [False, True]
+        vault.set_status(ref, Status.REVOKED, now=NOW)
+        served.broker.on_event(KeyStatusChanged(ref, Status.ACTIVE, Status.REVOKED, Cause.CHECK))
+        refused = self.sign(served, stamp)
+        assert (refused.status_code, refused.json()["error"]["status"]) == (409, "revoked")
 
 
 # -- secrets never leak -------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -68,7 +68,16 @@ from backpack_vault.logging import get_logger
 from backpack_vault.metrics import NO_KEY, Metrics
 from backpack_vault.ui import Activity, ui_routes
 
-__all__ = ["Readiness", "ReportCallback", "WatchSource", "create_app", "error_response"]
+__all__ = [
+    "QuickAnswer",
+    "QuickLane",
+    "Readiness",
+    "ReportCallback",
+    "WatchSource",
+    "create_app",
+    "error_response",
+    "quick_lane",
+]
 
 log = get_logger("backpack_vault.api")
 
@@ -88,6 +97,16 @@ class WatchSource(Protocol):
     """Server-sent events of one key's status changes (the daemon's watchers hub)."""
 
     def stream(self, ref: KeyRef, last_event_id: str | None) -> AsyncIterator[bytes]: ...
+
+
+class QuickAnswer(NamedTuple):
+    """A 200's JSON body, and what to do once it is written (see ``answer_at_once``)."""
+
+    body: bytes
+    then: Callable[[], None]
+
+
+QuickLane = Callable[[str, str, str, Mapping[str, str], bytes], "QuickAnswer | None"]
 
 
 MAX_BODY_BYTES: Final = 256 * 1024
@@ -141,11 +160,12 @@ def _internal_error() -> JSONResponse:
     return error_response(ServiceError("internal error in backpack-vault; see the daemon's logs"))
 
 
-def _token(request: Request) -> Secret | None:
-    value = request.headers.get("x-vault-token", "").strip()
+def _token(headers: Mapping[str, str]) -> Secret | None:
+    """The worker's token from a request's headers (names in lower case)."""
+    value = headers.get("x-vault-token", "").strip()
     if value:
         return Secret(value)
-    scheme, _, rest = request.headers.get("authorization", "").partition(" ")
+    scheme, _, rest = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and rest.strip():
         return Secret(rest.strip())
     return None
@@ -211,7 +231,11 @@ async def _json_object(request: Request) -> dict[str, Any]:
         if size > MAX_BODY_BYTES:
             raise _too_large()
         chunks.append(chunk)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return _parse_object(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+def _parse_object(body: bytes) -> dict[str, Any]:
+    """A request body (at most ``MAX_BODY_BYTES``) as a JSON object; empty is ``{}``."""
     if not body.strip():
         return {}
     if _nesting(body, MAX_BODY_DEPTH):
@@ -348,7 +372,7 @@ class _Api:
         ``work`` notes what it learns (instruction, version) in ``facts`` for the log event.
         """
         started = time.perf_counter()
-        token = _token(request)
+        token = _token(request.headers)
         facts: dict[str, Any] = {}
         try:
             # Before the body is read or anything else is done.
@@ -369,7 +393,8 @@ class _Api:
         def record() -> None:
             self.metrics.observe_request(route, response.status_code, seconds)
             if route in _RECORDED:
-                self._record(route, request, token, outcome, facts, seconds)
+                key = f"{request.path_params.get('sub', '')}/{request.path_params.get('name', '')}"
+                self._record(route, key, token, outcome, facts, seconds)
 
         if route in _HANDOUTS:
             _after_sending(response, record)
@@ -380,13 +405,12 @@ class _Api:
     def _record(
         self,
         route: str,
-        request: Request,
+        key: str,
         token: Secret | None,
         outcome: str,
         facts: dict[str, Any],
         seconds: float,
     ) -> None:
-        key = f"{request.path_params.get('sub', '')}/{request.path_params.get('name', '')}"
         label = key if outcome in _KEY_SEEN else NO_KEY
         instruction = str(facts.get("instruction") or "")
         if route == "copy":
@@ -454,6 +478,54 @@ class _Api:
             return JSONResponse({"headers": dict(signature.headers)})
 
         return await self._answer("sign", request, work)
+
+    def answer_at_once(
+        self, route: str, sub: str, name: str, headers: Mapping[str, str], body: bytes
+    ) -> QuickAnswer | None:
+        """A copy or a signature the broker hands over from memory, answered at once.
+
+        The daemon's HTTP protocol (``daemon/quick.py``) asks this when a
+        ``POST .../copy`` or ``.../sign`` has arrived whole, before it starts the
+        ASGI app: on the event loop, with no task, no Starlette request and no
+        await. ``None`` means "not this way": a refusal, a bad body, or anything that
+        needs Vault goes the usual way (the same route below), which answers it as
+        ever. Only a success is answered here, so every error keeps one translation.
+        The request is then recorded as the route would: one metric sample, the
+        handout's metrics, activity and log line, after the answer is written.
+        """
+        started = time.perf_counter()
+        token = _token(headers)
+        if token is None or len(body) > MAX_BODY_BYTES:
+            return None
+        facts: dict[str, Any] = {}
+        try:
+            ref = KeyRef(sub, name)
+            if route == "sign":
+                instruction, params, timestamp, window = _sign_request(_parse_object(body))
+                if not self.broker.answers_from_memory(token, ref, f"sign/{instruction}"):
+                    return None
+                facts["instruction"] = instruction
+                signature = self.broker.sign(
+                    token, ref, instruction, params, timestamp=timestamp, window=window
+                )
+                content: dict[str, Any] = {"headers": dict(signature.headers)}
+            elif route == "copy" and self.broker.answers_from_memory(token, ref, COPY):
+                handout = self.broker.copy(token, ref)
+                facts.update(version=handout.version, wrap_ttl_s=handout.wrap_ttl)
+                content = handout.as_response()
+            else:
+                return None
+        except ServiceError:
+            return None  # the usual way asks again, and answers with the error
+        seconds = time.perf_counter() - started
+
+        def then() -> None:
+            self.metrics.observe_request(route, int(HTTPStatus.OK), seconds)
+            self._record(route, str(ref), token, "ok", facts, seconds)
+            if route == "copy":
+                self.refills.want(ref)
+
+        return QuickAnswer(orjson.dumps(content), then)
 
     async def _refill(self, ref: KeyRef) -> None:
         self.refills.want(ref)  # async, so starlette runs it on the loop, not in a thread
@@ -584,3 +656,10 @@ def create_app(
     app.router.redirect_slashes = False  # /v1/keys/a/b/ is a JSON 404, not a bare 307
     app.state.api = api
     return app
+
+
+def quick_lane(app: object) -> QuickLane | None:
+    """The app's ``answer_at_once``, when ``app`` is the worker API ``create_app`` made."""
+    state = getattr(app, "state", None)
+    api = getattr(state, "api", None)
+    return api.answer_at_once if isinstance(api, _Api) else None

@@ -1,7 +1,9 @@
 """The uvicorn Server lifecycle: start, serve until told to stop, drain; and signal capture.
 
-The daemon, the sandbox exchange, ``backpack-vault dev`` and the tests all serve
-the same way, so readiness waiting and draining live here once::
+The worker API is served through ``daemon/quick.py``'s protocol, which answers a
+copy or signature from memory in its callback; every other app through uvicorn's
+own httptools protocol. The daemon, the sandbox exchange, ``backpack-vault dev``
+and the tests all serve the same way, so readiness waiting and draining live here once::
 
     ServerThread(app, host, port).start()   ConfigError when it cannot bind
     .serve_until(lambda: flag)              returns when the flag is set
@@ -25,7 +27,9 @@ from typing import Any, Final
 
 import uvicorn
 
+from backpack_vault.api import MAX_BODY_BYTES, quick_lane
 from backpack_vault.core.clock import wait_for
+from backpack_vault.daemon.quick import quick_protocol
 from backpack_vault.errors import ConfigError, ServiceError
 
 __all__ = [
@@ -110,6 +114,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def make_server(
     app: Any, host: str, port: int, *, graceful_s: int = 10, tls: ReloadableTLS | None = None
 ) -> uvicorn.Server:
+    lane = quick_lane(app)  # the worker API: copies and signatures from memory at once
     config = uvicorn.Config(
         app,
         host=host,
@@ -119,6 +124,7 @@ def make_server(
         lifespan="on",
         timeout_graceful_shutdown=graceful_s,
         ws="none",
+        http=quick_protocol(lane, body_limit=MAX_BODY_BYTES) if lane is not None else "httptools",
     )
     if tls is not None:
         # uvicorn builds its own context from file names; ours can be reloaded in place.
