@@ -906,6 +906,30 @@ class TestAnswersFromMemory:
         with pytest.raises(NotPermitted):
             broker.sign(stranger, ref, "accountQuery", {})
 
+    def test_what_serves_from_memory_is_a_handover_never_a_refusal(
+        self, broker: Broker, ref: KeyRef, vault: Vault, root_token: Secret
+    ) -> None:
+        """serves_from_memory: answered from memory with a result. A refusal from memory
+        (no grant, a key not active) answers from memory, but serves nothing."""
+        sign = "sign/accountQuery"
+        assert not broker.serves_from_memory(root_token, ref, sign)  # nothing cached yet
+        broker.sign(root_token, ref, "accountQuery", {})
+        assert broker.serves_from_memory(root_token, ref, sign)
+        assert not broker.serves_from_memory(root_token, ref, COPY)  # no grant cached for it
+        assert not broker.serves_from_memory(root_token, ref, "sign/notAnInstruction")
+        assert not broker.serves_from_memory(None, ref, sign)
+        stranger = Provisioner(vault).create_token(["default"])
+        with pytest.raises(NotPermitted):
+            broker.sign(stranger, ref, "accountQuery", {})
+        assert broker.answers_from_memory(stranger, ref, sign)
+        assert not broker.serves_from_memory(stranger, ref, sign)
+        vault.set_status(ref, Status.RETIRED, now=NOW)
+        broker.on_event(retired(ref))
+        with pytest.raises(KeyNotUsable):
+            broker.sign(root_token, ref, "accountQuery", {})
+        assert broker.answers_from_memory(root_token, ref, sign)
+        assert not broker.serves_from_memory(root_token, ref, sign)
+
     def test_what_answers_from_memory_asks_vault_nothing(
         self, vault: Vault, vault_settings: VaultSettings, ref: KeyRef, root_token: Secret
     ) -> None:

@@ -27,6 +27,7 @@ from backpack_vault.daemon.serving import free_port
 from backpack_vault.testing import wait_until
 
 LIMIT = 1024
+KEEP_ALIVE_S = 1
 SIGN = "/v1/keys/main/bot-a/sign"
 
 
@@ -35,6 +36,7 @@ class Seen:
     lane: list[tuple[str, str, str, dict[str, str], bytes]] = field(default_factory=list)
     app: list[dict[str, Any]] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
+    app_headers: list[list[bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,10 +88,11 @@ def echo_app(seen: Seen) -> Any:
         seen.app.append(
             {"path": scope["path"], "method": scope["method"], "body": body, "gone": disconnected}
         )
+        seen.app_headers.append([name for name, _ in scope["headers"]])
         if disconnected:
             return
-        if scope["path"].startswith("/slow"):
-            await asyncio.sleep(0.2)  # still answering when the next requests arrive
+        if scope["path"].startswith("/slow/"):  # still answering when the next requests arrive
+            await asyncio.sleep(float(scope["path"].removeprefix("/slow/")))
         payload = json.dumps({"by": "app", "sha": hashlib.sha256(body).hexdigest()}).encode()
         await send(
             {
@@ -119,6 +122,7 @@ def served() -> Iterator[Served]:
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -293,14 +297,52 @@ class TestHandedToTheApp:
         rather than overtake it through the lane."""
         with served.connect() as sock:
             sock.sendall(
-                request("/slow", body=b"first") + request(body=b'{"quick": 2}') + request()
+                request("/slow/0.2", body=b"first") + request(body=b'{"quick": 2}') + request()
             )
             answers = [read_answer(sock)[2] for _ in range(3)]
         assert answers[0] == {"by": "app", "sha": hashlib.sha256(b"first").hexdigest()}
+        assert len(served.seen.lane) == 0
         assert [a["sha"] for a in answers[1:]] == [
             hashlib.sha256(b'{"quick": 2}').hexdigest(),
             hashlib.sha256(b'{"quick": 1}').hexdigest(),
         ]
+
+    def test_a_request_after_one_answered_at_once_runs_to_its_end(self, served: Served) -> None:
+        """An answer from the lane arms the keep-alive timeout; a request read in the same
+        breath, longer than it, still gets its answer (uvicorn clears it per request)."""
+        with served.connect() as sock:
+            sock.sendall(request() + request(f"/slow/{KEEP_ALIVE_S + 0.5}", body=b"long"))
+            assert read_answer(sock)[2]["by"] == "lane"
+            assert read_answer(sock)[2]["by"] == "app"
+
+    def test_many_requests_in_one_read_leave_room_for_other_connections(
+        self, served: Served
+    ) -> None:
+        """Eight are answered in the callback; the rest queue as uvicorn's, one task each
+        (other connections are served between them), still in the order sent."""
+        bodies = [b'{"quick": %d}' % n for n in range(12)]
+        with served.connect() as sock:
+            sock.sendall(b"".join(request(body=body) for body in bodies))
+            answers = [read_answer(sock)[2] for _ in bodies]
+        assert [a["by"] for a in answers] == ["lane"] * 8 + ["app"] * 4
+        assert [a["sha"] for a in answers] == [hashlib.sha256(b).hexdigest() for b in bodies]
+
+    def test_a_chunked_bodys_trailer_is_no_header(self, served: Served) -> None:
+        """A token sent in a chunked body's trailer is not the request's token: neither the
+        lane nor, for a request handed over, the app sees it."""
+        for word in (b"quick", b"app"):
+            chunk = b'{"%s": 1}' % word
+            wire = (
+                b"POST " + SIGN.encode() + b" HTTP/1.1\r\nHost: test\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\nX-Vault-Token: from-trailer\r\n\r\n"
+                % (len(chunk), chunk)
+            )
+            with served.connect() as sock:
+                sock.sendall(wire)
+                assert read_answer(sock)[2]["by"] == word.decode().replace("quick", "lane")
+        assert [entry[3] for entry in served.seen.lane] == [{}, {}]
+        assert served.seen.app_headers == [[b"host", b"transfer-encoding"]]
 
     def test_a_client_gone_before_its_body_is_in_is_the_apps_to_see(self, served: Served) -> None:
         wire = request(body=b'{"quick": "' + b"z" * 100 + b'"}')
@@ -324,6 +366,23 @@ class TestShutdown:
             status, _, answer = read_answer(sock)
             assert (status, answer["by"]) == (200, "lane")
             assert closed(sock)
+
+    def test_nothing_read_after_the_held_request_runs(self, served: Served) -> None:
+        """The held request's answer says ``connection: close``; a request behind it in the
+        same read is dropped unanswered, as uvicorn drops what is queued on a closing
+        connection (a copy taken for nobody would be a copy outstanding for nobody)."""
+        wire = request()
+        with served.connect() as sock:
+            sock.sendall(wire[:-3])
+            time.sleep(0.05)
+            served.server.should_exit = True
+            time.sleep(0.3)
+            sock.sendall(wire[-3:] + request("/v1/keys/main/bot-a/copy", body=b'{"app": 1}'))
+            status, headers, _ = read_answer(sock)
+            assert (status, headers["connection"]) == (200, "close")
+            assert closed(sock)
+        assert len(served.seen.lane) == 1
+        assert served.seen.app == []
 
     def test_an_idle_kept_connection_is_closed(self, served: Served) -> None:
         with served.connect() as sock:

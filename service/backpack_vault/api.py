@@ -489,7 +489,8 @@ class _Api:
         ASGI app: on the event loop, with no task, no Starlette request and no
         await. ``None`` means "not this way": a refusal, a bad body, or anything that
         needs Vault goes the usual way (the same route below), which answers it as
-        ever. Only a success is answered here, so every error keeps one translation.
+        ever. Only what the broker serves from memory is tried here (a refusal is
+        not: it is the route's, with its error), so every error keeps one translation.
         The request is then recorded as the route would: one metric sample, the
         handout's metrics, activity and log line, after the answer is written.
         """
@@ -502,14 +503,14 @@ class _Api:
             ref = KeyRef(sub, name)
             if route == "sign":
                 instruction, params, timestamp, window = _sign_request(_parse_object(body))
-                if not self.broker.answers_from_memory(token, ref, f"sign/{instruction}"):
+                if not self.broker.serves_from_memory(token, ref, f"sign/{instruction}"):
                     return None
                 facts["instruction"] = instruction
                 signature = self.broker.sign(
                     token, ref, instruction, params, timestamp=timestamp, window=window
                 )
                 content: dict[str, Any] = {"headers": dict(signature.headers)}
-            elif route == "copy" and self.broker.answers_from_memory(token, ref, COPY):
+            elif route == "copy" and self.broker.serves_from_memory(token, ref, COPY):
                 handout = self.broker.copy(token, ref)
                 facts.update(version=handout.version, wrap_ttl_s=handout.wrap_ttl)
                 content = handout.as_response()

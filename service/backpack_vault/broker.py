@@ -678,21 +678,35 @@ class Broker:
         thread otherwise. Should a concurrent copy take the last spare in between,
         that copy wraps at Vault after all: still correct, just not from memory.
         """
+        return self._from_memory(token, ref, grant) is not None
+
+    def serves_from_memory(self, token: Secret | None, ref: KeyRef, grant: str) -> bool:
+        """Whether ``copy`` or ``sign`` would hand over from memory: granted, the key cached
+        and active, and for a copy a spare. A refusal is False, as is a question for
+        Vault. Never does I/O. (A signature can still be refused by its own request: a
+        timestamp off the clock, a read-only key asked for a state-changing instruction.)
+        """
+        return self._from_memory(token, ref, grant) is True
+
+    def _from_memory(self, token: Secret | None, ref: KeyRef, grant: str) -> bool | None:
+        """True: answered from memory; False: refused from memory; None: Vault is needed."""
         if grant != COPY and not grant.startswith(_SIGN):
             raise ValueError(f"grant must be {COPY!r} or '{_SIGN}<instruction>', not {grant!r}")
         if token is None or not token or (grant != COPY and not is_known(grant[len(_SIGN) :])):
-            return True  # refused before any question to Vault
+            return False  # refused before any question to Vault
         caps = self._grants.cached(token, self._grants.path(ref, grant))
         if caps is None:
-            return False
+            return None
         if not _allows(caps, _capability(grant)):
-            return True  # refused
+            return False
         loaded, generation = self._keys.cached(ref)
         if loaded is None:
-            return False
-        if grant != COPY or loaded.signer is None:
-            return True  # signing needs nothing more; a key that is not active is refused
-        return self._copies.has_spare(ref, loaded.record.version, generation)
+            return None
+        if loaded.signer is None:
+            return False  # a key that is not active is refused
+        # Signing needs nothing more; a copy needs a spare, or else Vault to wrap one.
+        spare = grant == COPY and self._copies.has_spare(ref, loaded.record.version, generation)
+        return True if grant != COPY or spare else None
 
     # -- keys, cached briefly -------------------------------------------------------------
 

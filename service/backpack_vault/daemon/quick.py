@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from backpack_vault.api import QuickLane
+from backpack_vault.api import QuickAnswer, QuickLane
 from backpack_vault.logging import get_logger
 
 __all__ = ["quick_protocol"]
@@ -41,6 +41,8 @@ _ROUTE: Final = re.compile(rb"/v1/keys/([\w.-]+)/([\w.-]+)/(copy|sign)")
 _WANTED: Final = frozenset({b"x-vault-token", b"authorization"})
 _OK_HEAD: Final = b"HTTP/1.1 200 OK\r\n"
 _JSON: Final = b"content-type: application/json\r\n"
+_CLOSE: Final = b"connection: close\r\n"
+_PER_READ: Final = 8  # requests answered in one callback before the rest queue as uvicorn's
 
 
 class _QuickProtocol(HttpToolsProtocol):
@@ -50,22 +52,59 @@ class _QuickProtocol(HttpToolsProtocol):
         self.body_limit = body_limit
         self._held: bytearray | None = None  # the body of a request held for the lane
         self._route: tuple[str, str, str] = ("", "", "")
-        self._closing = False
+        self._header_count = 0  # the request's own headers; a chunked body's trailer follows
+        self._closing = False  # a graceful shutdown came while a request was held
+        self._dropping = False  # a request read after this connection was closed
+        self._answered_in_read = 0
+        self._failure_logged = False
+
+    # -- asyncio's callbacks -----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._answered_in_read = 0
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            if self._held is not None:
+                self._hand_over()  # the app meets the disconnect and logs it, as for any request
+        finally:
+            super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        if self._held is not None:
+            self._closing = True  # answer the request being read, then close
+            return
+        super().shutdown()
 
     # -- httptools' callbacks ----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._dropping = False
+
     def on_headers_complete(self) -> None:
+        # A request answered in this same read armed the keep-alive timeout; whatever this
+        # one becomes, it must not run under it (uvicorn clears it on each read).
+        self._unset_keepalive_if_required()
+        if self.transport.is_closing():
+            # Closed after a held request's answer: like uvicorn's own queue on a closing
+            # connection, nothing read after it runs.
+            self._dropping = True
+            return
         route = self._quick_route()
         if route is None:
             super().on_headers_complete()
             return
         self._route = route
+        self._header_count = len(self.headers)
         self._held = bytearray()
 
     def on_body(self, body: bytes) -> None:
         held = self._held
         if held is None:
-            super().on_body(body)
+            if not self._dropping:
+                super().on_body(body)
             return
         held += body
         if len(held) > self.body_limit:
@@ -74,19 +113,17 @@ class _QuickProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         held = self._held
         if held is None:
-            super().on_message_complete()
+            if not self._dropping:
+                super().on_message_complete()
             return
         self._held = None
-        answer = None
-        try:
-            answer = self.lane(*self._route, self._token_headers(), bytes(held))
-        except Exception:  # noqa: BLE001  the usual way meets it again, answers and logs it
-            answer = None
+        answer = self._ask(bytes(held))
         if answer is None:
             self._held = held
             self._hand_over()
             super().on_message_complete()
             return
+        self._answered_in_read += 1
         self.transport.write(
             b"".join(
                 (
@@ -94,6 +131,7 @@ class _QuickProtocol(HttpToolsProtocol):
                     *(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers),
                     b"content-length: %d\r\n" % len(answer.body),
                     _JSON,
+                    _CLOSE if self._closing else b"",
                     b"\r\n",
                     answer.body,
                 )
@@ -107,18 +145,16 @@ class _QuickProtocol(HttpToolsProtocol):
         except Exception:  # the answer is out: a failure to record it must not touch it
             log.exception("api.record_failed", route=self._route[0])
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._held is not None:
-            self._hand_over()  # the app meets the disconnect, and logs it as for any request
-        super().connection_lost(exc)
-
-    def shutdown(self) -> None:
-        if self._held is not None:
-            self._closing = True  # answer the request being read, then close
-            return
-        super().shutdown()
-
     # -- helpers -------------------------------------------------------------------------
+
+    def _ask(self, body: bytes) -> QuickAnswer | None:
+        try:
+            return self.lane(*self._route, self._token_headers(), body)
+        except Exception:  # the app meets it again, and answers (and logs) it as its own
+            if not self._failure_logged:  # once per connection: the lane is only a shortcut
+                self._failure_logged = True
+                log.exception("api.quick_lane_failed", route=self._route[0])
+            return None
 
     def _quick_route(self) -> tuple[str, str, str] | None:
         parser = self.parser
@@ -133,6 +169,9 @@ class _QuickProtocol(HttpToolsProtocol):
             or self.flow.write_paused  # a client not reading: uvicorn's flow control
             or self.pipeline
             or (self.cycle is not None and not self.cycle.response_complete)
+            # Many requests in one read: the rest take uvicorn's queue, one task each, so
+            # that other connections are served in between, as uvicorn would.
+            or self._answered_in_read >= _PER_READ
         ):
             return None
         match = _ROUTE.fullmatch(self.url)
@@ -143,7 +182,8 @@ class _QuickProtocol(HttpToolsProtocol):
 
     def _token_headers(self) -> Mapping[str, str]:
         found: dict[str, str] = {}
-        for name, value in self.headers:  # the first of a repeated header, as starlette's
+        # The request's headers only, and the first of a repeated one, as starlette reads them.
+        for name, value in self.headers[: self._header_count]:
             if name in _WANTED:
                 found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
         return found
@@ -151,6 +191,7 @@ class _QuickProtocol(HttpToolsProtocol):
     def _hand_over(self) -> None:
         """Give the held request to uvicorn: the ASGI app gets it, body so far included."""
         held, self._held = self._held, None
+        del self.headers[self._header_count :]  # a trailer is not a header to the app either
         super().on_headers_complete()  # reads the same method and URL, starts the app's task
         if held:
             super().on_body(bytes(held))
