@@ -354,14 +354,32 @@ class TestHandedToTheApp:
         assert served.seen.lane == []
 
 
+def begin_shutdown_while_held(served: Served) -> None:
+    """Once the server holds a request, start uvicorn's graceful shutdown, and return when
+    it has told the connections (it stops listening first, in the same step)."""
+    connections = served.server.server_state.connections
+    wait_until(
+        lambda: any(getattr(c, "_held", None) is not None for c in connections),
+        what="the request held",
+    )
+    served.server.should_exit = True
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", served.port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+
+    wait_until(refused, what="uvicorn shutting down")
+
+
 class TestShutdown:
     def test_a_held_request_is_answered_then_its_connection_closed(self, served: Served) -> None:
         wire = request()
         with served.connect() as sock:
             sock.sendall(wire[:-3])
-            time.sleep(0.05)
-            served.server.should_exit = True  # uvicorn begins its graceful shutdown
-            time.sleep(0.3)
+            begin_shutdown_while_held(served)
             sock.sendall(wire[-3:])
             status, _, answer = read_answer(sock)
             assert (status, answer["by"]) == (200, "lane")
@@ -374,9 +392,7 @@ class TestShutdown:
         wire = request()
         with served.connect() as sock:
             sock.sendall(wire[:-3])
-            time.sleep(0.05)
-            served.server.should_exit = True
-            time.sleep(0.3)
+            begin_shutdown_while_held(served)
             sock.sendall(wire[-3:] + request("/v1/keys/main/bot-a/copy", body=b'{"app": 1}'))
             status, headers, _ = read_answer(sock)
             assert (status, headers["connection"]) == (200, "close")
