@@ -17,7 +17,9 @@ goes away mid-request is logged as such, never as an error; a failure of ours is
 
 The broker is synchronous (hvac). A copy or signature it can answer from memory
 (``Broker.answers_from_memory``: cached grant and key, a spare copy) is answered
-on the event loop; every other call into it runs in the thread pool. Tokens
+on the event loop; every other call into it runs in the thread pool. A success
+from memory does not even reach these routes: the daemon's HTTP protocol asks
+``answer_at_once`` first (``daemon/quick.py``, docs/architecture.md). Tokens
 arrive in ``X-Vault-Token`` or ``Authorization: Bearer`` and stay ``Secret``
 objects; no response body but a copy's own ``wrap_token`` carries anything secret.
 """
@@ -488,7 +490,7 @@ class _Api:
         ``POST .../copy`` or ``.../sign`` has arrived whole, before it starts the
         ASGI app: on the event loop, with no task, no Starlette request and no
         await. ``None`` means "not this way": a refusal, a bad body, or anything that
-        needs Vault goes the usual way (the same route below), which answers it as
+        needs Vault goes the usual way (``post_copy``, ``post_sign``), which answers it as
         ever. Only what the broker serves from memory is tried here (a refusal is
         not: it is the route's, with its error), so every error keeps one translation.
         The request is then recorded as the route would: one metric sample, the
