@@ -7,13 +7,18 @@ a developer's own token.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -23,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from backpack_vault.config import Secret, VaultSettings
+from backpack_vault.core.keys import KeyRef
 from backpack_vault.dev.vault import DevVault
 from backpack_vault.vault.client import Vault
 
@@ -147,3 +153,110 @@ def sandbox(sandbox_server: tuple[ServerThread, SandboxState]) -> Iterator[Sandb
     with httpx.Client(base_url=server.url, timeout=5.0) as http:
         yield SandboxAdmin(http)
     state.reset()
+
+
+# -- backpack-vault exec with a stand-in bot (tests/test_exec.py, tests/test_rotation.py) ---------
+
+EXEC_BOUND_S = 20.0
+
+EXEC_CHILD = r"""
+import json, os, signal, sys, time
+from backpack_vault.config import Secret
+from backpack_vault.core.keys import parse_key_pair
+
+out, key_env, secret_env = sys.argv[1], sys.argv[2], sys.argv[3]
+mode = sys.argv[4] if len(sys.argv) > 4 else "wait"
+
+def note(**entry):
+    with open(out, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+if key_env == "-":
+    data = json.loads(open(os.environ["BACKPACK_VAULT_KEY_FILE"], encoding="utf-8").read())
+    key, secret = data["api_key"], data["api_secret"]
+else:
+    key, secret = os.environ[key_env], os.environ[secret_env]
+parse_key_pair(key, Secret(secret))
+note(start=os.getpid(), key=key, vault_token="VAULT_TOKEN" in os.environ)
+if mode.startswith("exit"):
+    sys.exit(int(mode[4:]))
+signal.signal(signal.SIGHUP, lambda *_: note(signal="HUP"))
+signal.signal(signal.SIGTERM, lambda *_: (note(signal="TERM"), sys.exit(42)))
+while True:
+    time.sleep(0.05)
+"""
+
+
+@dataclasses.dataclass
+class Exec:
+    process: subprocess.Popen[str]
+    out: Path
+
+    def lines(self) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
+
+    def starts(self) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if "start" in line]
+
+    def signals(self) -> list[str]:
+        return [line["signal"] for line in self.lines() if "signal" in line]
+
+    def wait(self) -> tuple[int, str]:
+        _, err = self.process.communicate(timeout=EXEC_BOUND_S)
+        return self.process.returncode, err
+
+
+ExecRunner = Callable[..., Exec]
+
+
+@pytest.fixture
+def exec_runner(tmp_path: Path, dev_vault: DevVault) -> Iterator[ExecRunner]:
+    """``exec_runner(daemon_url, ref, *options, names=..., mode=...)``: ``backpack-vault
+    exec REF`` running EXEC_CHILD under the daemon at ``daemon_url``, logged in to the
+    session's OpenBao as root; every one still running is killed at the end."""
+    started: list[Exec] = []
+    child = tmp_path / "child.py"
+    child.write_text(EXEC_CHILD)
+
+    def run(
+        daemon_url: str,
+        ref: KeyRef,
+        *options: str,
+        names: tuple[str, str] = ("BACKPACK_API_KEY", "BACKPACK_API_SECRET"),
+        mode: str = "wait",
+    ) -> Exec:
+        out = tmp_path / f"out-{len(started)}.jsonl"
+        environ = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ["HOME"],
+            "BACKPACK_VAULT_DAEMON_URL": daemon_url,
+            "VAULT_ADDR": dev_vault.addr,
+            "VAULT_TOKEN": dev_vault.root_token.reveal(),
+        }
+        argv = [
+            sys.executable,
+            "-m",
+            "backpack_vault",
+            "exec",
+            str(ref),
+            *options,
+            "--",
+            sys.executable,
+            str(child),
+            str(out),
+            *names,
+            mode,
+        ]
+        process = subprocess.Popen(
+            argv, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        started.append(Exec(process, out))
+        return started[-1]
+
+    yield run
+    for one in started:
+        if one.process.poll() is None:
+            one.process.kill()
+            one.process.wait()

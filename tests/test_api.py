@@ -67,6 +67,10 @@ class Served:
             )
         return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=10, **kwargs)
 
+    def sign(self, body: dict[str, Any]) -> httpx.Response:
+        """POST /v1/keys/main/bot-a/sign with ``body``, as the root token."""
+        return self.call("POST", "/v1/keys/main/bot-a/sign", token=self.root, json=body)
+
     def unwrap(self, wrap_token: str) -> httpx.Response:
         return httpx.post(
             f"{self.vault_addr}/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrap_token}
@@ -151,27 +155,17 @@ class TestSignRoute:
         float (which would be refused as one)."""
         params = {"symbol": "SOL_USDC", "clientId": 2**64 + 1}
         stamp = int(time.time() * 1000)
-        answer = served.call(
-            "POST",
-            "/v1/keys/main/bot-a/sign",
-            token=served.root,
-            json={"instruction": "orderCancel", "params": params, "timestamp": stamp},
-        )
+        answer = served.sign({"instruction": "orderCancel", "params": params, "timestamp": stamp})
         assert answer.status_code == 200, answer.text
         message = signing_string("orderCancel", params, stamp, 5000)
-        assert "clientId=18446744073709551617" in message
+        assert f"clientId={2**64 + 1}" in message  # the integer itself, signed as sent
         assert verify(key.api_key, message, answer.json()["headers"]["X-Signature"])
 
     def test_sign_returns_headers_that_verify(self, served: Served, key: KeyPair) -> None:
         """POST .../sign returns the four headers for the exact request."""
         params = {"symbol": "SOL_USDC", "orderId": "28"}
         stamp = int(time.time() * 1000)
-        answer = served.call(
-            "POST",
-            "/v1/keys/main/bot-a/sign",
-            token=served.root,
-            json={"instruction": "orderCancel", "params": params, "timestamp": stamp},
-        )
+        answer = served.sign({"instruction": "orderCancel", "params": params, "timestamp": stamp})
         assert answer.status_code == 200
         headers = answer.json()["headers"]
         assert set(headers) == {"X-API-Key", "X-Signature", "X-Timestamp", "X-Window"}
@@ -182,14 +176,11 @@ class TestSignRoute:
     def test_a_timestamp_far_from_now_is_refused(self, served: Served) -> None:
         """A signature dated minutes away (it would outlive a revoked grant) gets 422."""
         for offset_ms in (-3_600_000, 86_400_000):
-            answer = served.call(
-                "POST",
-                "/v1/keys/main/bot-a/sign",
-                token=served.root,
-                json={
+            answer = served.sign(
+                {
                     "instruction": "accountQuery",
                     "timestamp": int(time.time() * 1000) + offset_ms,
-                },
+                }
             )
             assert answer.status_code == 422
             assert "within 60 s" in answer.json()["error"]["message"]
@@ -198,12 +189,7 @@ class TestSignRoute:
         """params may be a list of objects for batch orders."""
         orders = [{"symbol": "SOL_USDC", "side": "Bid"}, {"symbol": "SOL_USDC", "side": "Ask"}]
         stamp = int(time.time() * 1000) - 30_000
-        answer = served.call(
-            "POST",
-            "/v1/keys/main/bot-a/sign",
-            token=served.root,
-            json={"instruction": "orderExecute", "params": orders, "timestamp": stamp},
-        )
+        answer = served.sign({"instruction": "orderExecute", "params": orders, "timestamp": stamp})
         message = signing_string("orderExecute", orders, stamp, 5000)
         assert verify(key.api_key, message, answer.json()["headers"]["X-Signature"])
 
@@ -527,12 +513,7 @@ class TestProbes:
     def test_metrics_count_handouts_by_key_and_outcome(self, served: Served) -> None:
         """/metrics exposes handouts, signatures, latency and outstanding wrapping tokens."""
         served.call("POST", "/v1/keys/main/bot-a/copy", token=served.root)
-        served.call(
-            "POST",
-            "/v1/keys/main/bot-a/sign",
-            token=served.root,
-            json={"instruction": "balanceQuery"},
-        )
+        served.sign({"instruction": "balanceQuery"})
         served.call("POST", "/v1/keys/main/made-up/copy", token=served.root)
         text = served.call("GET", "/metrics").text
         assert 'backpack_vault_handouts_total{key="main/bot-a",outcome="ok"} 1.0' in text
@@ -566,11 +547,8 @@ class TestQuickLane:
         return answered
 
     def sign(self, served: Served, stamp: int, **extra: Any) -> httpx.Response:
-        return served.call(
-            "POST",
-            "/v1/keys/main/bot-a/sign",
-            token=served.root,
-            json={"instruction": "orderExecute", "params": ORDER, "timestamp": stamp, **extra},
+        return served.sign(
+            {"instruction": "orderExecute", "params": ORDER, "timestamp": stamp, **extra}
         )
 
     def test_a_signature_from_memory_answers_and_is_recorded_as_the_route_does(
@@ -579,6 +557,8 @@ class TestQuickLane:
         stamp = int(time.time() * 1000)
         with capture_logs() as logs:
             first, second = self.sign(served, stamp), self.sign(served, stamp)
+            # Recorded once each answer is out, in the server's thread.
+            wait_until(lambda: sum(e["event"] == "api.handout" for e in logs) == 2)
         assert lane == [False, True]  # the first asked Vault (the app's way); the second not
         for answer in (first, second):
             assert answer.status_code == 200
@@ -803,4 +783,5 @@ class TestRefills:
         assert thread is not None
         assert not thread.is_alive()
         refills.want(KeyRef("main", "a"))
+        assert refills._queue.empty()  # nothing queued for a thread that is gone
         assert len(done) == 1

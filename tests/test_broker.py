@@ -130,10 +130,12 @@ class TestLedger:
         pruned as copies are recorded (not only when the sweep runs)."""
         ledger: Ledger[KeyRef] = Ledger()
         a = KeyRef("main", "a")
-        for second in range(1000):
-            ledger.record(a, f"acc-{second}", second + 60.0, now=float(second))
-            assert ledger.count(a) <= 61
-        assert ledger.pop_key(a)[0] == "acc-940"
+        ttl, copies = 60, 1000
+        for second in range(copies):
+            ledger.record(a, f"acc-{second}", second + float(ttl), now=float(second))
+            assert ledger.count(a) <= ttl + 1
+        # Entries expiring at or before the last copy's time are gone: the last ttl remain.
+        assert ledger.pop_key(a) == [f"acc-{n}" for n in range(copies - ttl, copies)]
 
     def test_keys_lists_keys_with_unclaimed_copies(self) -> None:
         """keys() names every key that still has an entry."""
@@ -333,19 +335,28 @@ class TestCopies:
     ) -> None:
         """The daemon's Vault client sends its wraps over one kept connection (wire.py); each
         copy still unwraps once, into the same fields as one wrapped by hvac."""
-        service = Vault.for_service(vault_settings)
+        service, by_hvac = Vault.for_service(vault_settings), Vault(vault_settings)
         service.login()
+        by_hvac.login()
         try:
             broker = Broker(service, settings(), grant_prefix=vault_settings.grant_prefix)
             handouts = [broker.copy(root_token, ref) for _ in range(5)]
             assert service._direct is not None
+            assert by_hvac._direct is None
             assert service._direct._pool.connections == 1
+            hvac_copy = Broker(by_hvac, settings(), grant_prefix=vault_settings.grant_prefix)
+            expected = unwrap(dev_vault.addr, hvac_copy.copy(root_token, ref).wrap_token)
+            expected_data = expected.json()["data"]
             for handout in handouts:
-                first = unwrap(dev_vault.addr, handout.wrap_token)
-                assert first.json()["data"]["key"] == "main/bot-a"
+                data = unwrap(dev_vault.addr, handout.wrap_token).json()["data"]
+                assert set(data) == set(expected_data)
+                assert {k: v for k, v in data.items() if k != "expires_at"} == {
+                    k: v for k, v in expected_data.items() if k != "expires_at"
+                }
                 assert unwrap(dev_vault.addr, handout.wrap_token).status_code == 400
         finally:
             service.close()
+            by_hvac.close()
 
     def test_a_wrap_redirected_by_a_standby_node_is_followed(
         self, vault_settings: VaultSettings, dev_vault: DevVault
@@ -389,7 +400,11 @@ class TestCopies:
         """A token Vault refuses: the kept-connection path raises what hvac's path raises."""
         bad = dataclasses.replace(vault_settings, token=Secret("s.not-a-token"))
         found = []
-        for client in (Vault(bad), Vault.for_service(bad)):
+        clients = (Vault(bad), Vault.for_service(bad))
+        assert (clients[0]._direct, clients[1]._direct is not None) == (None, True)
+        for client in clients:
+            with pytest.raises(ServiceError):
+                client.login()  # refused too; the token is the client's from here on
             with pytest.raises(ServiceError) as refused:
                 client.wrap({"x": 1}, ttl=60)
             found.append((type(refused.value), refused.value.message))
@@ -777,6 +792,7 @@ class TestGrantQuestions:
         def fail() -> None:
             started.set()
             time.sleep(0.3)
+            counting.calls.append("failed")
             raise VaultUnavailable("Vault is sealed")
 
         counting.before["capabilities"] = fail
@@ -797,6 +813,8 @@ class TestGrantQuestions:
         first.join(10)
         second.join(10)
         assert sorted(outcomes) == ["signed", "unavailable"]
+        # The second waited for the first's question and asked only once it had failed.
+        assert counting.calls[-3:] == ["capabilities", "failed", "capabilities"]
 
 
 class CountingVault:

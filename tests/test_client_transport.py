@@ -117,6 +117,7 @@ class TestLeanPath:
                 with BrokerClient(
                     served.url, vault_addr=served.vault_addr, token=served.root, http=given
                 ) as b:
+                    assert (b._pool_for(b.vault_addr) is None) is (given is not None)
                     wrap_token = Secret(b._call("POST", REF, "/copy")["wrap_token"])
                     b._unwrap(REF, wrap_token)
                     with pytest.raises(CopyUnavailable) as refused:

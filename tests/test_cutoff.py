@@ -247,22 +247,23 @@ class TestFeedPoller:
                     return fail
                 return method
 
-        told: list[str] = []
-        emitted: list[str] = []
-        poller = FeedPoller(
-            Flaky(),  # type: ignore[arg-type]
-            emit=lambda event: emitted.append(type(event).__name__),
-            notify=lambda changes: told.extend(c.name for c in changes),
-        )
+        poller, seen = self._poller(Flaky())  # type: ignore[arg-type]
+
+        def told() -> list[str]:
+            return [c.name for c in seen.changes]
+
+        def emitted() -> list[str]:
+            return [type(e).__name__ for e in seen.events]
+
         poller.poll()
         rotate_now(vault, REF)
         failing["read_record"] = 1
         poller.poll()
-        assert (told, emitted) == ([], [])
+        assert (told(), emitted()) == ([], [])
         poller.poll()
-        assert (told, emitted) == (["rotated"], ["KeyRotated"])
+        assert (told(), emitted()) == (["rotated"], ["KeyRotated"])
         poller.poll()
-        assert told == ["rotated"]
+        assert told() == ["rotated"]
 
     def test_a_deleted_key_is_retired_with_cause_deleted(self, vault: Vault) -> None:
         store_key(vault, REF)

@@ -7,7 +7,7 @@ start, records the signals it gets, and exits 42 on SIGTERM.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import os
 import signal
@@ -34,33 +34,6 @@ from backpack_vault.vault.client import Vault
 REF = KeyRef("main", "bot-a")
 BOUND = 20.0
 
-CHILD = r"""
-import json, os, signal, sys, time
-from backpack_vault.config import Secret
-from backpack_vault.core.keys import parse_key_pair
-
-out, key_env, secret_env = sys.argv[1], sys.argv[2], sys.argv[3]
-mode = sys.argv[4] if len(sys.argv) > 4 else "wait"
-
-def note(**entry):
-    with open(out, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-if key_env == "-":
-    data = json.loads(open(os.environ["BACKPACK_VAULT_KEY_FILE"], encoding="utf-8").read())
-    key, secret = data["api_key"], data["api_secret"]
-else:
-    key, secret = os.environ[key_env], os.environ[secret_env]
-parse_key_pair(key, Secret(secret))
-note(start=os.getpid(), key=key, vault_token="VAULT_TOKEN" in os.environ)
-if mode.startswith("exit"):
-    sys.exit(int(mode[4:]))
-signal.signal(signal.SIGHUP, lambda *_: note(signal="HUP"))
-signal.signal(signal.SIGTERM, lambda *_: (note(signal="TERM"), sys.exit(42)))
-while True:
-    time.sleep(0.05)
-"""
-
 
 @pytest.fixture
 def served(vault_settings: VaultSettings) -> Iterator[str]:
@@ -70,71 +43,10 @@ def served(vault_settings: VaultSettings) -> Iterator[str]:
         yield server.url
 
 
-@dataclasses.dataclass
-class Exec:
-    process: subprocess.Popen[str]
-    out: Path
-
-    def lines(self) -> list[dict[str, Any]]:
-        if not self.out.exists():
-            return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
-
-    def starts(self) -> list[dict[str, Any]]:
-        return [line for line in self.lines() if "start" in line]
-
-    def signals(self) -> list[str]:
-        return [line["signal"] for line in self.lines() if "signal" in line]
-
-    def wait(self) -> tuple[int, str]:
-        _, err = self.process.communicate(timeout=BOUND)
-        return self.process.returncode, err
-
-
 @pytest.fixture
-def run_exec(tmp_path: Path, served: str, dev_vault: DevVault) -> Iterator[Any]:
-    started: list[Exec] = []
-    child = tmp_path / "child.py"
-    child.write_text(CHILD)
-
-    def run(
-        *options: str,
-        names: tuple[str, str] = ("BACKPACK_API_KEY", "BACKPACK_API_SECRET"),
-        mode: str = "wait",
-    ) -> Exec:
-        out = tmp_path / f"out-{len(started)}.jsonl"
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": os.environ["HOME"],
-            "BACKPACK_VAULT_DAEMON_URL": served,
-            "VAULT_ADDR": dev_vault.addr,
-            "VAULT_TOKEN": dev_vault.root_token.reveal(),
-        }
-        argv = [
-            sys.executable,
-            "-m",
-            "backpack_vault",
-            "exec",
-            str(REF),
-            *options,
-            "--",
-            sys.executable,
-            str(child),
-            str(out),
-            *names,
-            mode,
-        ]
-        process = subprocess.Popen(
-            argv, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        started.append(Exec(process, out))
-        return started[-1]
-
-    yield run
-    for one in started:
-        if one.process.poll() is None:
-            one.process.kill()
-            one.process.wait()
+def run_exec(exec_runner: Any, served: str) -> Any:
+    """``run_exec(*options, names=..., mode=...)``: exec of REF under the served daemon."""
+    return functools.partial(exec_runner, served, REF)
 
 
 def rotate(vault: Vault, ref: KeyRef) -> KeyPair:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 import uvicorn
 
 from backpack_vault.api import QuickAnswer
-from backpack_vault.daemon.quick import quick_protocol
+from backpack_vault.daemon.quick import _PER_READ, quick_protocol
 from backpack_vault.daemon.serving import free_port
 from backpack_vault.testing import wait_until
 
@@ -44,6 +43,7 @@ class Served:
     port: int
     seen: Seen
     server: uvicorn.Server
+    thread: threading.Thread
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
@@ -110,7 +110,9 @@ def echo_app(seen: Seen) -> Any:
 
 
 @pytest.fixture
-def served() -> Iterator[Served]:
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """uvicorn serving ``echo_app`` through the quick protocol; the keep-alive timeout is
+    ``KEEP_ALIVE_S`` unless the test passes another (indirect parametrisation)."""
     seen = Seen()
     port = free_port()
     config = uvicorn.Config(
@@ -122,14 +124,14 @@ def served() -> Iterator[Served]:
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_keep_alive=getattr(request, "param", KEEP_ALIVE_S),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, what="uvicorn started")
     try:
-        yield Served(port, seen, server)
+        yield Served(port, seen, server, thread)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -188,15 +190,17 @@ class TestAnsweredInTheCallback:
         assert served.seen.app == []
         assert [entry[:3] for entry in served.seen.lane] == [("sign", "main", "bot-a")] * 3
         assert served.seen.lane[0][3] == {"x-vault-token": "hvs.worker"}
-        assert len(served.seen.after) == 3
+        wait_until(lambda: len(served.seen.after) == 3, what="the work after each answer")
 
     def test_a_body_in_pieces_is_held_until_it_is_whole(self, served: Served) -> None:
         body = b'{"quick": "' + b"x" * 600 + b'"}'
         wire = request(body=body)
         with served.connect() as sock:
-            for start in range(0, len(wire), 97):
-                sock.sendall(wire[start : start + 97])
-                time.sleep(0.002)
+            sock.sendall(wire[:-97])
+            wait_until(lambda: holding(served), what="the request held")
+            assert served.seen.lane == []  # not offered before its body is whole
+            for start in range(len(wire) - 97, len(wire), 13):
+                sock.sendall(wire[start : start + 13])
             status, _, answer = read_answer(sock)
         assert (status, answer["by"]) == (200, "lane")
         assert served.seen.lane[0][4] == body
@@ -218,7 +222,7 @@ class TestAnsweredInTheCallback:
             assert read_answer(sock)[:1] == (200,)
             sock.sendall(request())
             assert read_answer(sock)[2]["by"] == "lane"
-        assert len(served.seen.after) == 1
+        wait_until(lambda: len(served.seen.after) == 1, what="the second answer's work")
 
     def test_the_copy_route_is_offered_too(self, served: Served) -> None:
         with served.connect() as sock:
@@ -247,7 +251,7 @@ class TestHandedToTheApp:
         wire = request(body=body)
         with served.connect() as sock:
             sock.sendall(wire[:200])
-            time.sleep(0.05)
+            wait_until(lambda: holding(served), what="the request held")
             sock.sendall(wire[200:])
             status, _, answer = read_answer(sock)
         assert (status, answer["by"]) == (200, "app")
@@ -287,7 +291,8 @@ class TestHandedToTheApp:
         with served.connect() as sock:
             sock.sendall(request(path, method=method, version=version, headers=headers))
             if "Expect: 100-continue" in headers:
-                assert sock.recv(25).startswith(b"HTTP/1.1 100")
+                interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+                assert sock.recv(len(interim)) == interim
             status, _, answer = read_answer(sock)
         assert (status, answer["by"]) == (200, "app")
         assert served.seen.lane == []
@@ -324,7 +329,7 @@ class TestHandedToTheApp:
         with served.connect() as sock:
             sock.sendall(b"".join(request(body=body) for body in bodies))
             answers = [read_answer(sock)[2] for _ in bodies]
-        assert [a["by"] for a in answers] == ["lane"] * 8 + ["app"] * 4
+        assert [a["by"] for a in answers] == ["lane"] * _PER_READ + ["app"] * (12 - _PER_READ)
         assert [a["sha"] for a in answers] == [hashlib.sha256(b).hexdigest() for b in bodies]
 
     def test_a_chunked_bodys_trailer_is_no_header(self, served: Served) -> None:
@@ -348,20 +353,22 @@ class TestHandedToTheApp:
         wire = request(body=b'{"quick": "' + b"z" * 100 + b'"}')
         with served.connect() as sock:
             sock.sendall(wire[:-20])
-            time.sleep(0.05)
+            wait_until(lambda: holding(served), what="the request held")
         wait_until(lambda: served.seen.app != [], what="the app told of the disconnect")
         assert served.seen.app[0]["gone"] is True
         assert served.seen.lane == []
 
 
+def holding(served: Served) -> bool:
+    """Whether a connection holds a request for the lane (headers read, body not whole)."""
+    connections = list(served.server.server_state.connections)
+    return any(getattr(c, "_held", None) is not None for c in connections)
+
+
 def begin_shutdown_while_held(served: Served) -> None:
     """Once the server holds a request, start uvicorn's graceful shutdown, and return when
     it has told the connections (it stops listening first, in the same step)."""
-    connections = served.server.server_state.connections
-    wait_until(
-        lambda: any(getattr(c, "_held", None) is not None for c in connections),
-        what="the request held",
-    )
+    wait_until(lambda: holding(served), what="the request held")
     served.server.should_exit = True
 
     def refused() -> bool:
@@ -374,6 +381,8 @@ def begin_shutdown_while_held(served: Served) -> None:
     wait_until(refused, what="uvicorn shutting down")
 
 
+# A keep-alive timeout longer than the tests wait: only the shutdown can close a connection.
+@pytest.mark.parametrize("served", [60], indirect=True)
 class TestShutdown:
     def test_a_held_request_is_answered_then_its_connection_closed(self, served: Served) -> None:
         wire = request()
@@ -381,8 +390,8 @@ class TestShutdown:
             sock.sendall(wire[:-3])
             begin_shutdown_while_held(served)
             sock.sendall(wire[-3:])
-            status, _, answer = read_answer(sock)
-            assert (status, answer["by"]) == (200, "lane")
+            status, headers, answer = read_answer(sock)
+            assert (status, answer["by"], headers["connection"]) == (200, "lane", "close")
             assert closed(sock)
 
     def test_nothing_read_after_the_held_request_runs(self, served: Served) -> None:
@@ -397,6 +406,8 @@ class TestShutdown:
             status, headers, _ = read_answer(sock)
             assert (status, headers["connection"]) == (200, "close")
             assert closed(sock)
+        served.thread.join(10)  # uvicorn's shutdown waits for every task it started
+        assert not served.thread.is_alive()
         assert len(served.seen.lane) == 1
         assert served.seen.app == []
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,6 +48,7 @@ from backpack_vault.testing.sandbox import SandboxAdmin
 from backpack_vault.ui.render import gather, page
 from backpack_vault.vault.client import Vault
 
+PROBE = "GET /api/v1/account"  # what a liveness check asks Backpack
 REF = KeyRef("main", "bot-a")
 INTERVAL = 1.0  # the daemon checks every key every second here
 COPY_TTL = 3  # copies live 3 s: the old key retires soon after a switch
@@ -529,24 +528,23 @@ class TestDrills:
         vault_settings: VaultSettings,
         sandbox: SandboxAdmin,
         running: Running,
-        dev_vault: DevVault,
-        tmp_path: Path,
+        exec_runner: Any,
     ) -> None:
         """A revoke with a ready standby: exec stops the bot at once and, once the leader
         has switched the name, starts it on the standby, where it used to exit 6."""
         pair, env, standby = with_ready_standby(vault, vault_settings, sandbox)
-        bot, out = _exec_bot(tmp_path, running.url, dev_vault)
+        bot = exec_runner(running.url, REF)
         try:
-            wait_until(lambda: _bot_lines(out) == [f"start {pair.api_key}"], BOUND, "the bot")
+            wait_until(lambda: _story(bot) == [f"start {pair.api_key}"], BOUND, "the bot")
             revoked = run_cli(env, "keys", "revoke", str(REF), "--reason", "leaked")
             assert revoked.exit_code == 0, revoked.output
-            wait_until(lambda: len(_bot_lines(out)) == 3, BOUND, "the bot on the standby")
-            assert _bot_lines(out) == [f"start {pair.api_key}", "stop", f"start {standby}"]
-            assert bot.poll() is None
+            wait_until(lambda: len(_story(bot)) == 3, BOUND, "the bot on the standby")
+            assert _story(bot) == [f"start {pair.api_key}", "stop", f"start {standby}"]
+            assert bot.process.poll() is None
         finally:
-            bot.send_signal(signal.SIGTERM)
-            _, err = bot.communicate(timeout=BOUND)
-        assert bot.returncode == 42  # the bot's own code: exec forwarded SIGTERM to it
+            bot.process.send_signal(signal.SIGTERM)
+            code, err = bot.wait()
+        assert code == 42  # the bot's own code: exec forwarded SIGTERM to it
         assert "has a ready standby" in err
 
     def test_exec_exits_as_for_a_revoke_when_the_standby_is_refused_too(
@@ -555,23 +553,21 @@ class TestDrills:
         vault_settings: VaultSettings,
         sandbox: SandboxAdmin,
         running: Running,
-        dev_vault: DevVault,
-        tmp_path: Path,
+        exec_runner: Any,
     ) -> None:
         """The standby Backpack no longer accepts never takes over: the bot stops at the
         revoke and exec exits 6 (at the latest after --failover-wait)."""
         pair, env, standby = with_ready_standby(vault, vault_settings, sandbox)
-        bot, out = _exec_bot(tmp_path, running.url, dev_vault, "--failover-wait", "3")
-        try:
-            wait_until(lambda: _bot_lines(out) == [f"start {pair.api_key}"], BOUND, "the bot")
-            sandbox.revoke(standby)  # leaked with the key, say
-            assert run_cli(env, "keys", "revoke", str(REF), "--reason", "leaked").exit_code == 0
-            _, err = bot.communicate(timeout=BOUND)
-        finally:
-            if bot.poll() is None:
-                bot.kill()
-        assert bot.returncode == 6, err
-        assert _bot_lines(out) == [f"start {pair.api_key}", "stop"]
+        bot = exec_runner(running.url, REF, "--failover-wait", "3")
+        wait_until(lambda: _story(bot) == [f"start {pair.api_key}"], BOUND, "the bot")
+        sandbox.revoke(standby)  # leaked with the key, say
+        probes = sandbox.count(PROBE, standby)
+        assert run_cli(env, "keys", "revoke", str(REF), "--reason", "leaked").exit_code == 0
+        code, err = bot.wait()  # exec_runner kills it at the end should it not exit
+        assert code == 6, err
+        assert _story(bot) == [f"start {pair.api_key}", "stop"]
+        # The revoked name is probed no more: a probe of the standby is the leader trying it.
+        wait_until(lambda: sandbox.count(PROBE, standby) > probes, BOUND, "the standby tried")
         assert vault.read_record(REF).api_key == pair.api_key
 
     def test_a_revocation_without_a_ready_standby_is_a_revocation(
@@ -600,44 +596,10 @@ def _previous_status(vault: Vault) -> str:
     return previous.status if previous else ""
 
 
-_BOT = r"""
-import json, os, signal, sys, time
-out = sys.argv[1]
-def note(line):
-    with open(out, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-note("start " + os.environ["BACKPACK_API_KEY"])
-signal.signal(signal.SIGTERM, lambda *_: (note("stop"), sys.exit(42)))
-while True:
-    time.sleep(0.05)
-"""
-
-
-def _exec_bot(
-    tmp_path: Path, daemon_url: str, dev_vault: DevVault, *options: str
-) -> tuple[subprocess.Popen[str], Path]:
-    """``backpack-vault exec`` running _BOT, which notes each start (and key) and stop."""
-    child, out = tmp_path / "bot.py", tmp_path / "bot.jsonl"
-    child.write_text(_BOT)
-    argv = [sys.executable, "-m", "backpack_vault", "exec", str(REF), *options, "--"]
-    bot = subprocess.Popen(
-        [*argv, sys.executable, str(child), str(out)],
-        env={
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": str(tmp_path),
-            "BACKPACK_VAULT_DAEMON_URL": daemon_url,
-            "VAULT_ADDR": dev_vault.addr,
-            "VAULT_TOKEN": dev_vault.root_token.reveal(),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return bot, out
-
-
-def _bot_lines(out: Path) -> list[str]:
-    return out.read_text().splitlines() if out.exists() else []
+def _story(run: Any) -> list[str]:
+    """What the stand-in bot under exec went through: "start KEY" per start, "stop" per
+    SIGTERM (on which it exits 42)."""
+    return [f"start {line['key']}" if "start" in line else "stop" for line in run.lines()]
 
 
 def _next_state(vault: Vault) -> str:
